@@ -1,0 +1,142 @@
+"""The ``qwen-refresher`` command line.
+
+Each subcommand's module is imported only when that subcommand runs: ``status`` is run by
+health checks every few seconds and must not pay for pydantic, httpx, the scheduler or
+watchdog. Errors carry their exit code (``errors.QwenRefresherError.exit_code``), so every
+command fails the same way: one line on stderr naming what is wrong, and a meaningful code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+
+#: subcommand -> module that provides ``add_parser(subparsers)`` (or ``add_parsers``).
+COMMANDS: dict[str, str] = {
+    "run": "qwen_refresher.cli",
+    "status": "qwen_refresher.status",
+    "login": "qwen_refresher.login",
+    "install-service": "qwen_refresher.service",
+    "uninstall-service": "qwen_refresher.service",
+    "demo": "qwen_refresher.demo",
+}
+
+
+def _add_settings_flags(p: argparse.ArgumentParser) -> None:
+    """Flags that override settings; None means "not given" so lower layers apply."""
+    g = p.add_argument_group("settings (flags > QWEN_REFRESHER_* env > config file > defaults)")
+    g.add_argument("--config", type=str, help="TOML config file "
+                   "(default $XDG_CONFIG_HOME/qwen-refresher/config.toml)")
+    g.add_argument("--store", dest="stores", action="append", metavar="PATH",
+                   help="an auth-profiles.json (or oauth_creds.json) to manage; repeatable")
+    g.add_argument("--state-dir", help="where the daemon keeps its state and journal")
+    g.add_argument("--token-url")
+    g.add_argument("--device-code-url")
+    g.add_argument("--client-id")
+    g.add_argument("--margin", help="refresh this long before expiry (e.g. 900, 15m)")
+    g.add_argument("--jitter", help="spread refreshes by up to this much (e.g. 60s)")
+    g.add_argument("--sweep-interval", help="re-read every store this often (e.g. 5m)")
+    g.add_argument("--retry-max", help="longest back-off between retries (e.g. 5m)")
+    g.add_argument("--http-timeout", help="timeout of one token request")
+    g.add_argument("--lock-timeout", help="how long to wait for a store's lock")
+    g.add_argument("--on-rotate", help="command run after each rotation ('none' disables)")
+    g.add_argument("--on-needs-login", help="command run when a login is needed")
+    g.add_argument("--listen", help="HOST:PORT for /healthz /readyz /metrics ('' disables)")
+    g.add_argument("--log-format", choices=["auto", "json", "console"])
+    g.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    g.add_argument("--poll", action="store_const", const=True,
+                   help="poll for changes instead of inotify (network file systems)")
+    g.add_argument("--no-discover", dest="discover", action="store_const", const=False,
+                   help="manage only --store files, not every OpenClaw agent")
+    g.add_argument("--no-qwen-code", dest="qwen_code", action="store_const", const=False,
+                   help="leave Qwen Code's ~/.qwen/oauth_creds.json alone")
+    g.add_argument("--auto-login", action="store_const", const=True,
+                   help="start a device-code login by itself when one is needed")
+
+
+SETTINGS_FLAGS = ("stores", "state_dir", "token_url", "device_code_url", "client_id", "margin",
+                  "jitter", "sweep_interval", "retry_max", "http_timeout", "lock_timeout",
+                  "on_rotate", "on_needs_login", "listen", "log_format", "log_level", "poll",
+                  "discover", "qwen_code", "auto_login")
+
+
+def settings_overrides(args: argparse.Namespace) -> dict[str, object]:
+    return {name: getattr(args, name) for name in SETTINGS_FLAGS
+            if getattr(args, name, None) is not None}
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("run", help="run the refresh daemon in the foreground",
+                       description="Keep every qwen-portal profile fresh until stopped.")
+    p.add_argument("--once", action="store_true",
+                   help="refresh whatever is due now, wait for it, and exit")
+    _add_settings_flags(p)
+    p.set_defaults(handler=run_command)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import logsetup
+    from .config import load_settings
+
+    config_file = Path(args.config) if args.config else None
+    overrides = settings_overrides(args)
+    settings = load_settings(overrides, config_file=config_file)
+    logsetup.configure(fmt=settings.log_format, level=settings.log_level)
+    from .daemon import Daemon
+
+    daemon = Daemon(settings, overrides=overrides, config_file=config_file)
+    return daemon.run_once() if args.once else daemon.run()
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qwen-refresher",
+        description="Keeps OpenClaw's qwen-portal OAuth tokens fresh.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    loaded: set[str] = set()
+    for name, module_name in COMMANDS.items():
+        if only is not None and name != only:
+            continue
+        if module_name in loaded:
+            continue
+        loaded.add(module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        adder = getattr(module, "add_parser", None) or getattr(module, "add_parsers", None)
+        if adder is not None:
+            adder(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .errors import QwenRefresherError
+
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in arguments if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
+    args = parser.parse_args(arguments)
+    handler = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(handler(args))
+    except QwenRefresherError as exc:
+        print(f"qwen-refresher: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

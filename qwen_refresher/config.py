@@ -1,0 +1,272 @@
+"""Settings: command-line flags > ``QWEN_REFRESHER_*`` environment > TOML file > defaults.
+
+Built on pydantic-settings so that every value is validated once, at start-up, and a bad value
+stops the daemon with exit 78 and one line naming the setting, instead of surfacing hours later
+in the middle of a refresh.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+    TomlConfigSettingsSource,
+)
+
+from . import paths
+from .durations import parse_duration
+from .errors import ConfigError
+
+QWEN_TOKEN_URL = "https://chat.qwen.ai/api/v1/oauth2/token"
+QWEN_DEVICE_CODE_URL = "https://chat.qwen.ai/api/v1/oauth2/device/code"
+QWEN_CLIENT_ID = "f0304373b74a44d2b584a3fb70ca9e56"
+ENV_PREFIX = "QWEN_REFRESHER_"
+
+Seconds = Annotated[float, BeforeValidator(parse_duration)]
+
+
+def _hook(value: object) -> str | None:
+    """``""`` and ``"none"`` switch a hook off; anything else is a shell command line."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError("expected a command line (string)")
+    text = value.strip()
+    return None if text.lower() in ("", "none", "off", "false") else text
+
+
+Hook = Annotated[str | None, BeforeValidator(_hook)]
+
+
+def is_loopback_host(host: str) -> bool:
+    if host.lower() in ("localhost", "localhost.localdomain") or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_listen(value: str) -> tuple[str, int] | None:
+    """``HOST:PORT`` (``[::1]:9464`` for IPv6) or empty for no HTTP server."""
+    text = value.strip()
+    if not text:
+        return None
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:9464; empty disables)")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"port {port_text!r} is not a number") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range")
+    return host.strip("[]"), port
+
+
+class Settings(BaseSettings):
+    """Everything the daemon can be told. Field names are the TOML keys."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="forbid",
+        validate_default=True,
+        case_sensitive=False,
+    )
+
+    token_url: str = QWEN_TOKEN_URL
+    device_code_url: str = QWEN_DEVICE_CODE_URL
+    client_id: str = QWEN_CLIENT_ID
+    margin: Seconds = 900.0
+    jitter: Seconds = 60.0
+    sweep_interval: Seconds = 300.0
+    retry_max: Seconds = 300.0
+    http_timeout: Seconds = 15.0
+    lock_timeout: Seconds = 40.0
+    hook_timeout: Seconds = 30.0
+    debounce: Seconds = 0.1
+    state_dir: Path = Field(default_factory=paths.default_state_dir)
+    stores: list[Path] = Field(default_factory=list)
+    discover: bool = True
+    qwen_code: bool = True
+    on_rotate: Hook = "auto"
+    on_needs_login: Hook = None
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    listen: str = "127.0.0.1:9464"
+    poll: bool = False
+    max_concurrent_refreshes: int = Field(default=4, ge=1, le=64)
+    notify_urls: list[str] = Field(default_factory=list)
+    notify_desktop: bool = True
+    remind_interval: Seconds = 6 * 3600.0
+    auto_login: bool = False
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("token_url", "device_code_url")
+    @classmethod
+    def _https_or_loopback(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("https", "http") or not parts.hostname:
+            raise ValueError(f"{value!r} is not an http(s) URL")
+        if parts.scheme == "http" and not is_loopback_host(parts.hostname):
+            raise ValueError(
+                f"{value!r} sends tokens in clear text; https is required except for loopback"
+            )
+        return value
+
+    @field_validator("client_id")
+    @classmethod
+    def _non_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value.strip()
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        parse_listen(value)
+        return value.strip()
+
+    @field_validator("stores", mode="before")
+    @classmethod
+    def _stores(cls, value: object) -> object:
+        if isinstance(value, str | Path):
+            return [value]
+        return value
+
+    @field_validator("stores")
+    @classmethod
+    def _absolute(cls, value: list[Path]) -> list[Path]:
+        return [p.expanduser().absolute() for p in value]
+
+    @field_validator("state_dir")
+    @classmethod
+    def _state_dir(cls, value: Path) -> Path:
+        return value.expanduser().absolute()
+
+    @model_validator(mode="after")
+    def _sane_timing(self) -> Settings:
+        if self.sweep_interval < 1:
+            raise ValueError("sweep_interval: must be at least 1 second")
+        if self.http_timeout <= 0:
+            raise ValueError("http_timeout: must be greater than 0")
+        if self.retry_max < 1:
+            raise ValueError("retry_max: must be at least 1 second")
+        return self
+
+    @property
+    def listen_address(self) -> tuple[str, int] | None:
+        return parse_listen(self.listen)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_file = _CONFIG_FILE.get("path")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+
+# pydantic-settings builds sources per class; the file to read is chosen per load_settings call.
+_CONFIG_FILE: dict[str, Path | None] = {"path": None}
+
+
+def _check_toml(path: Path) -> None:
+    """Parse the file ourselves first so a syntax error names the file and the line."""
+    try:
+        with path.open("rb") as fh:
+            doc = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", f"{path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError("config", f"{path}: cannot be read: {exc.strerror}") from None
+    unknown = sorted(set(doc) - set(Settings.model_fields))
+    if unknown:
+        raise ConfigError(unknown[0], f"{path}: unknown setting (known: "
+                                      f"{', '.join(sorted(Settings.model_fields))})")
+
+
+def load_settings(
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    config_file: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Settings:
+    """Validate everything at once; any problem becomes one ``ConfigError`` (exit 78).
+
+    ``config_file`` None means the default path, used only if it exists; an explicitly named
+    file must exist.
+    """
+    environ = os.environ if env is None else env
+    explicit = config_file is not None or bool(environ.get(ENV_PREFIX + "CONFIG"))
+    path = config_file or Path(environ.get(ENV_PREFIX + "CONFIG") or
+                               paths.default_config_file(environ))
+    if path.exists() or explicit:
+        _check_toml(path)
+        _CONFIG_FILE["path"] = path
+    else:
+        _CONFIG_FILE["path"] = None
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    saved_env = None
+    if env is not None:
+        saved_env = dict(os.environ)
+        os.environ.clear()
+        os.environ.update(env)
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        raise _config_error(exc) from None
+    except SettingsError as exc:
+        raise _settings_source_error(exc) from None
+    finally:
+        if saved_env is not None:
+            os.environ.clear()
+            os.environ.update(saved_env)
+        _CONFIG_FILE["path"] = None
+
+
+def _config_error(exc: ValidationError) -> ConfigError:
+    first = exc.errors()[0]
+    loc = ".".join(str(part) for part in first.get("loc", ()) if part != "__root__")
+    message = str(first.get("msg", "invalid"))
+    if message.startswith("Value error, "):
+        message = message[len("Value error, "):]
+    if not loc and ":" in message:
+        loc, _, message = message.partition(":")
+        message = message.strip()
+    setting = (loc or "settings").split(".")[0]
+    env_name = ENV_PREFIX + setting.upper()
+    return ConfigError(f"{setting} ({env_name})", message)
+
+
+def _settings_source_error(exc: SettingsError) -> ConfigError:
+    """pydantic-settings fails before validation when an env list is not JSON."""
+    import re
+
+    match = re.search(r'field "([a-z_]+)"', str(exc))
+    setting = match.group(1) if match else "settings"
+    return ConfigError(f"{setting} ({ENV_PREFIX}{setting.upper()})",
+                       "list settings in the environment must be JSON lists, e.g. "
+                       '[\"/path/one.json\", \"/path/two.json\"]')

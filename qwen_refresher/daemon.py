@@ -1,0 +1,833 @@
+"""The long-running process: wiring stores, watches, the scheduler and the engine together.
+
+Data walks one way: stores are read into ``views`` (one per profile), views are grouped into
+families, each family gets one scheduler job at its planned time, the job runs the engine,
+and the engine's outcome updates the views and each profile's runtime record, which the
+daemon publishes for ``status``. Everything the daemon believes can be rebuilt from the stores
+(plus lineage fingerprints and the journal), which is why a missed event, a suspend or a
+restart costs at most one sweep.
+
+Threads: APScheduler's pool runs refreshes (at most ``max_concurrent_refreshes`` at once),
+watchdog's observer reports changes, an optional HTTP thread serves health and metrics, and
+the main thread waits for signals and pings systemd's watchdog.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import signal
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from . import __version__, discovery
+
+try:  # TODO-INTEGRATE
+    from . import sdnotify
+except ImportError:  # pragma: no cover
+    sdnotify = None  # type: ignore[assignment]
+from .config import Settings, load_settings
+from .engine import Engine, Member, Outcome
+from .errors import ConfigError, StoreError, StoreUnreadable
+from .history import TokenHistory
+from .hooks import resolve_on_rotate, run_hook
+from .journal import Journal
+from .logsetup import REDACTOR, get_logger
+from .models import Credentials, ProfileKey, fingerprint
+from .planner import Timing, backoff_delay, refresh_at
+from .qwen import QwenOAuthClient
+from .state import (
+    DaemonLock,
+    ProfileState,
+    ProfileStatus,
+    PublishedState,
+    StoreStatus,
+    load_salt,
+    read_state,
+    write_state,
+)
+from .stores.base import Store
+from .watcher import DirectoryWatcher
+
+#: Consecutive re-applications of one family that we allow before backing off: a writer that
+#: keeps reverting us must not turn the daemon into a loop.
+REVERT_FREE_RETRIES = 2
+
+
+@dataclass
+class View:
+    """One profile as last read from its store."""
+
+    store: Store
+    creds: Credentials | None
+    problem: str | None
+    fp: str | None
+    issued_at: float | None
+
+
+@dataclass
+class Runtime:
+    """What the daemon knows about one profile beyond its file: for status and scheduling."""
+
+    state: ProfileState = "ok"
+    family: str | None = None
+    attempts: int = 0
+    retry_at: float | None = None
+    last_error: str | None = None
+    last_refresh_at: float | None = None
+    next_refresh_at: float | None = None
+
+
+@dataclass
+class Family:
+    id: str
+    head: str
+    keys: list[ProfileKey]
+    creds: Credentials
+    issued_at: float | None
+    planned: float
+    lagging: bool
+
+
+@dataclass
+class _Reverts:
+    count: int = 0
+    last: float = 0.0
+
+
+@dataclass
+class _StoreInfo:
+    store: Store
+    explicit: bool
+    digest: str | None = None
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Daemon:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        overrides: dict[str, Any] | None = None,
+        config_file: Path | None = None,
+    ) -> None:
+        self.settings = settings
+        self._overrides = overrides or {}
+        self._config_file = config_file
+        self.log = get_logger()
+        self.stop = threading.Event()
+        self._wake = threading.Event()
+        self._reload_requested = False
+        self._lock = threading.RLock()
+        self._publish_lock = threading.Lock()
+        self._active = 0
+        self._active_cv = threading.Condition()
+        self.started_at = time.time()
+        self.last_tick = time.monotonic()
+
+        state_dir = settings.state_dir
+        self.daemon_lock = DaemonLock(state_dir)
+        self.salt = b""
+        self.history = TokenHistory()
+        self.journal = Journal(state_dir)
+        self.client = self._make_client(settings)
+        self.engine: Engine | None = None
+        self.stores: dict[Path, _StoreInfo] = {}
+        self.views: dict[ProfileKey, View] = {}
+        self.runtime: dict[ProfileKey, Runtime] = defaultdict(Runtime)
+        self.families: dict[str, Family] = {}
+        self.issued: dict[str, float] = {}
+        self.reverts: dict[str, _Reverts] = defaultdict(_Reverts)
+        self._last_published: bytes | None = None
+        self.scheduler = BackgroundScheduler(
+            executors={"default": ThreadPoolExecutor(settings.max_concurrent_refreshes),
+                       "io": ThreadPoolExecutor(2)},
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+            timezone=UTC,
+        )
+        self.watcher = DirectoryWatcher(self._on_fs_event, force_polling=settings.poll)
+        self.metrics: Any = None
+        self.health: Any = None
+        self.notifier: Any = None
+
+    # -- set-up -------------------------------------------------------------------------------
+    @staticmethod
+    def _make_client(settings: Settings) -> QwenOAuthClient:
+        return QwenOAuthClient(settings.token_url, settings.device_code_url, settings.client_id,
+                               timeout=settings.http_timeout)
+
+    @property
+    def timing(self) -> Timing:
+        return Timing(self.settings.margin, self.settings.jitter, self.settings.retry_max)
+
+    def _restore(self) -> None:
+        """Reload lineage, rejections and pending rotations left by the previous run."""
+        previous = read_state(self.settings.state_dir)
+        if previous is not None:
+            self.history.load_links(dict(previous.get("lineage", {})))
+            rejected = previous.get("rejected", {})
+            self.history.load_rejected({fp: (float(v[0]), str(v[1])) for fp, v in
+                                        rejected.items() if isinstance(v, list) and len(v) == 2})
+            for prof in previous.get("profiles", []):
+                key = ProfileKey(Path(prof["store"]), prof["profile"])
+                rt = self.runtime[key]
+                rt.last_refresh_at = prof.get("last_refresh_at")
+        for replaces, fp, creds, _members in self.journal.pending():
+            REDACTOR.add(creds.access, creds.refresh)
+            self.history.link(replaces, fp)
+            self.history.remember(fp, creds)
+            self.issued.setdefault(fp, time.time())
+            self.log.warning("journal_replay", family=fp[:12],
+                             message="tokens received before a crash or a failed write are "
+                                     "being written to their stores")
+
+    def _setup_optional(self) -> None:
+        """Metrics, health endpoint and notifications: each optional, none fatal to refresh."""
+        try:  # TODO-INTEGRATE
+            self._setup_optional_inner()
+        except ModuleNotFoundError as exc:
+            self.log.warning("optional_missing", error=str(exc))
+
+    def _setup_optional_inner(self) -> None:
+        from .metrics import Metrics
+
+        self.metrics = Metrics(self.profile_statuses)
+        address = self.settings.listen_address
+        if address is not None:
+            from .health import HealthServer
+
+            self.health = HealthServer(address[0], address[1], live_fn=self.alive,
+                                       profiles_fn=self.profile_statuses, metrics=self.metrics)
+            try:
+                self.health.start()
+            except OSError as exc:
+                raise ConfigError("listen (QWEN_REFRESHER_LISTEN)",
+                                  f"cannot listen on {self.settings.listen}: {exc.strerror}"
+                                  ) from None
+            self.log.info("health_listening", address=f"{address[0]}:{self.health.port}")
+        from .notify import Notifier, check_notify_setup
+
+        check_notify_setup(self.settings)
+        assisted = None
+        if self.settings.auto_login:
+            from .login import AssistedLogin
+
+            assisted = AssistedLogin(self.settings, log=self.log,
+                                     on_written=lambda keys: self.request_scan())
+        self.notifier = Notifier(self.settings, log=self.log, assisted_login=assisted)
+
+    # -- discovery and reading ------------------------------------------------------------------
+    def rescan_all(self) -> None:
+        s = self.settings
+        found = discovery.store_paths(explicit=s.stores, discover=s.discover,
+                                      qwen_code=s.qwen_code)
+        explicit = {p.absolute() for p in s.stores}
+        with self._lock:
+            current = {p for p, _ in found}
+            for path in list(self.stores):
+                if path not in current:
+                    self._forget_store(path)
+            for path, kind in found:
+                if path not in self.stores:
+                    self.stores[path] = _StoreInfo(discovery.open_store(path, kind),
+                                                   path in explicit)
+                    self.log.info("store_found", store=self.stores[path].store.describe(),
+                                  kind=kind)
+            infos = list(self.stores.values())
+        for info in infos:
+            self.read_store(info)
+        self.watcher.watch(discovery.watch_dirs(list(self.stores), discover=s.discover,
+                                                qwen_code=s.qwen_code))
+        self.reconcile()
+
+    def _forget_store(self, path: Path) -> None:
+        info = self.stores.pop(path)
+        self.log.info("store_gone", store=info.store.describe())
+        for key in [k for k in self.views if k.store == path]:
+            del self.views[key]
+            self.runtime.pop(key, None)
+
+    def read_store(self, info: _StoreInfo) -> None:
+        store = info.store
+        try:
+            snap = store.read_settled()
+        except StoreError as exc:
+            self._store_failed(info, exc)
+            return
+        digest = hashlib.sha256(snap.raw).hexdigest()
+        with self._lock:
+            if info.error is not None:
+                self.log.info("store_recovered", store=store.describe())
+                info.error = None
+            if digest == info.digest:
+                return
+            info.digest = digest
+            seen: set[ProfileKey] = set()
+            for profile_id, record in snap.records.items():
+                key = record.key
+                seen.add(key)
+                previous = self.views.get(key)
+                if record.creds is None:
+                    if previous is None or previous.problem != record.problem:
+                        self.log.error("profile_invalid", store=store.describe(),
+                                       profile=profile_id, problem=record.problem)
+                    self.views[key] = View(store, None, record.problem, None, None)
+                    continue
+                REDACTOR.add(record.creds.access, record.creds.refresh)
+                fp = fingerprint(record.creds.refresh, self.salt)
+                issued = self.issued.get(fp)
+                if previous is not None and previous.fp == fp:
+                    issued = previous.issued_at
+                elif previous is not None and previous.fp is not None:
+                    self._observe_change(key, previous, fp)
+                if previous is not None and previous.problem is not None:
+                    self.log.info("profile_recovered", store=store.describe(), profile=profile_id)
+                # Only tokens we obtained have a known lifetime; for the rest (a login, another
+                # program's rotation) the margin alone decides, so a token found inside its
+                # margin is refreshed at once.
+                self.views[key] = View(store, record.creds, None, fp, issued)
+            for key in [k for k in self.views if k.store == store.path and k not in seen]:
+                del self.views[key]
+                self.runtime.pop(key, None)
+
+    def _store_failed(self, info: _StoreInfo, exc: StoreError) -> None:
+        if isinstance(exc, StoreUnreadable) and exc.problem == "does not exist" \
+                and not info.explicit:
+            with self._lock:
+                if info.store.path in self.stores:
+                    self._forget_store(info.store.path)
+            return
+        with self._lock:
+            if info.error != str(exc):
+                self.log.error("store_invalid", store=info.store.describe(), error=exc.problem,
+                               message="file left untouched; other stores are still served")
+                if self.metrics is not None:
+                    self.metrics.store_error(str(info.store.path))
+            info.error = str(exc)
+            info.digest = None
+            for key, view in list(self.views.items()):
+                if key.store == info.store.path:
+                    self.views[key] = View(view.store, None, exc.problem, None, None)
+
+    def _observe_change(self, key: ProfileKey, previous: View, fp: str) -> None:
+        """A profile's refresh token changed under us: decide rotation, revert or divergence.
+
+        Content alone cannot tell "another program refreshed the family" from "the user logged
+        in again here only". The difference is timing: programs refresh only when a token is
+        due (Qwen Code 30 s before expiry, OpenClaw at expiry) or after a rejection, while a
+        login can happen any time. So a change while the family was due, expired or needed a
+        login is taken as a rotation and copied to the other members; any other change makes
+        the profile leave its family.
+        """
+        assert previous.fp is not None
+        old_head = self.history.newest(previous.fp)
+        if self.history.newest(fp) == old_head or self.history.is_superseded(fp):
+            return  # our own rotation landing, or a revert the next run heals
+        due = previous.creds is not None and \
+            previous.creds.expires_at - self.settings.margin <= time.time() + 1
+        if due or self.history.rejection(old_head) is not None:
+            self.history.link(old_head, fp)
+            self.log.info("rotated_elsewhere", store=previous.store.describe(),
+                          profile=key.profile,
+                          message="another program rotated this profile; its family gets "
+                                  "the new tokens without a refresh")
+        else:
+            self.log.info("family_split", store=previous.store.describe(), profile=key.profile,
+                          message="this profile got new tokens of its own (a new login?) and "
+                                  "now refreshes on its own")
+
+    # -- planning -------------------------------------------------------------------------------
+    def reconcile(self) -> None:
+        """Group profiles into families and (re)schedule one job per family."""
+        now = time.time()
+        with self._lock:
+            groups: dict[str, list[ProfileKey]] = defaultdict(list)
+            for key, view in self.views.items():
+                rt = self.runtime[key]
+                if view.creds is None or view.fp is None:
+                    rt.state, rt.last_error, rt.family = "invalid_store", view.problem, None
+                    rt.next_refresh_at = None
+                    continue
+                groups[self.history.newest(view.fp)].append(key)
+            families: dict[str, Family] = {}
+            for head, keys in groups.items():
+                keys.sort()
+                family = self._plan_family(head, keys, now)
+                families[family.id] = family
+            for job_id in set(self.families) - set(families):
+                with contextlib.suppress(Exception):
+                    self.scheduler.remove_job(job_id)
+            self.families = families
+        self.publish()
+
+    def _plan_family(self, head: str, keys: list[ProfileKey], now: float) -> Family:
+        views = [self.views[k] for k in keys]
+        holders = [v for v in views if v.fp == head and v.creds is not None]
+        if holders:
+            best = max(holders, key=lambda v: v.creds.expires_ms if v.creds else 0)
+            creds, issued = best.creds, best.issued_at
+        else:
+            remembered = self.history.credentials(head)
+            fallback = max(views, key=lambda v: v.creds.expires_ms if v.creds else 0)
+            creds = remembered or fallback.creds
+            issued = self.issued.get(head, fallback.issued_at)
+        assert creds is not None
+        job_id = f"refresh:{keys[0]}"
+        previous = self.families.get(job_id)
+        if previous is not None and previous.head == head:
+            planned = previous.planned  # keep the jitter drawn the first time
+        else:
+            planned = refresh_at(now=now, expires_at=creds.expires_at, issued_at=issued,
+                                 timing=self.timing)
+        lagging = any(v.fp != head for v in views)
+        family = Family(job_id, head, keys, creds, issued, planned, lagging)
+        rejection = self.history.rejection(head)
+        retry_at = max((self.runtime[k].retry_at or 0.0) for k in keys) or None
+        if rejection is not None:
+            run_at = None
+        elif lagging:
+            revert = self.reverts[head]
+            run_at = now
+            if revert.count > REVERT_FREE_RETRIES:
+                run_at = max(now, revert.last + min(2.0 ** (revert.count - REVERT_FREE_RETRIES),
+                                                    300.0))
+        elif retry_at is not None:
+            run_at = retry_at
+        else:
+            run_at = planned
+        for key in keys:
+            rt = self.runtime[key]
+            rt.family = head[:12]
+            rt.next_refresh_at = run_at
+            if rejection is not None:
+                rt.state, rt.last_error = "needs_login", rejection[1]
+            elif rt.state == "refreshing":
+                pass
+            elif rt.retry_at is not None:
+                rt.state = "retrying"
+            elif creds.expires_at <= now:
+                rt.state = "expired"
+            elif planned <= now:
+                rt.state = "due"
+            else:
+                rt.state = "ok"
+        if run_at is None:
+            with contextlib.suppress(Exception):
+                self.scheduler.remove_job(job_id)
+        elif not self.stop.is_set():
+            self._schedule(job_id, run_at)
+        return family
+
+    def _schedule(self, job_id: str, run_at: float) -> None:
+        job = self.scheduler.get_job(job_id)
+        when = datetime.fromtimestamp(run_at, UTC)
+        if job is not None and job.next_run_time is not None and \
+                abs(job.next_run_time.timestamp() - run_at) < 0.05:
+            return
+        self.scheduler.add_job(self._run_family, "date", run_date=when, id=job_id,
+                               args=[job_id], replace_existing=True)
+
+    # -- one refresh -----------------------------------------------------------------------------
+    def _run_family(self, job_id: str) -> None:
+        with self._active_cv:
+            if self.stop.is_set():
+                return
+            self._active += 1
+        try:
+            self._run_family_inner(job_id)
+        finally:
+            with self._active_cv:
+                self._active -= 1
+                self._active_cv.notify_all()
+
+    def _run_family_inner(self, job_id: str) -> Outcome | None:
+        assert self.engine is not None
+        with self._lock:
+            family = self.families.get(job_id)
+            if family is None:
+                return None
+            members = [Member(self.views[k].store, k.profile) for k in family.keys
+                       if k in self.views]
+            retrying = any(self.runtime[k].retry_at is not None for k in family.keys)
+            due_at = time.time() if retrying else family.planned
+            for key in family.keys:
+                if time.time() >= due_at:
+                    self.runtime[key].state = "refreshing"
+        if time.time() >= due_at:
+            self.publish()
+        outcome = self.engine.run(members, due_at=due_at)
+        self._apply_outcome(family, members, outcome)
+        with self._lock:
+            for member in members:
+                info = self.stores.get(member.store.path)
+                if info is not None:
+                    self.read_store(info)
+        self.reconcile()
+        if self.notifier is not None:
+            self.notifier.update(self.profile_statuses())
+        return outcome
+
+    def _apply_outcome(self, family: Family, members: list[Member], outcome: Outcome) -> None:
+        now = time.time()
+        names = [f"{m.store.describe()}#{m.profile}" for m in members]
+        result = outcome.result
+        if self.metrics is not None and result != "not_due":
+            reason = _failure_reason(outcome) if result not in ("rotated", "synced") else None
+            self.metrics.refresh_finished(result, outcome.duration, reason)
+        if outcome.creds is not None and outcome.fp is not None:
+            REDACTOR.add(outcome.creds.access, outcome.creds.refresh)
+            if result == "rotated":
+                self.issued[outcome.fp] = now
+        with self._lock:
+            keys = [m.key for m in members]
+            for key in keys:
+                rt = self.runtime[key]
+                if rt.state == "refreshing":
+                    rt.state = "ok"
+            if result in ("rotated", "synced", "not_due"):
+                for key in keys:
+                    rt = self.runtime[key]
+                    if key in outcome.errors:
+                        continue
+                    if result == "rotated":
+                        rt.last_refresh_at = now
+                    rt.attempts, rt.retry_at, rt.last_error = 0, None, None
+                if result == "rotated":
+                    self.reverts.pop(family.head, None)
+            elif result == "rejected":
+                for key in keys:
+                    self.runtime[key].retry_at = None
+                    self.runtime[key].last_error = outcome.reason
+            else:
+                attempts = max(self.runtime[k].attempts for k in keys) + 1
+                delay = backoff_delay(attempts, cap=self.settings.retry_max,
+                                      retry_after=outcome.retry_after)
+                for key in keys:
+                    rt = self.runtime[key]
+                    rt.attempts, rt.retry_at, rt.last_error = attempts, now + delay, outcome.reason
+        expires = (datetime.fromtimestamp(outcome.creds.expires_at, UTC).isoformat()
+                   if outcome.creds else None)
+        if result == "rotated":
+            self.log.info("rotated", profiles=names, expires_at=expires,
+                          took_ms=round(outcome.duration * 1000, 1))
+        elif result == "synced":
+            if outcome.reapplied:
+                revert = self.reverts[outcome.fp or family.head]
+                revert.count, revert.last = revert.count + 1, now
+                self.log.warning("revert_undone", profiles=[str(k) for k in outcome.reapplied],
+                                 message="a writer put a consumed refresh token back; the "
+                                         "newest tokens were re-applied")
+            else:
+                self.log.info("synced", profiles=names, message="copied the family's newest "
+                              "tokens to members that lagged behind")
+        elif result == "rejected":
+            commands = sorted({m.store.login_command(m.profile) for m in members})
+            self.log.error("needs_login", profiles=names, reason=outcome.reason,
+                           run=commands,
+                           message="Qwen rejected the refresh token; log in again: "
+                                   + " ; ".join(commands))
+        elif result == "write_failed":
+            self.log.error("write_failed", profiles=names, error=outcome.reason,
+                           message="new tokens are kept in the journal under "
+                                   f"{self.settings.state_dir} and the write is retried")
+        elif result != "not_due":
+            rt_any = self.runtime[members[0].key] if members else None
+            self.log.warning("refresh_failed", profiles=names, result=result,
+                             reason=outcome.reason,
+                             retry_in_s=round((rt_any.retry_at or now) - now, 1)
+                             if rt_any else None)
+        if outcome.written and result in ("rotated", "synced"):
+            self._run_on_rotate(members, outcome)
+
+    def _run_on_rotate(self, members: list[Member], outcome: Outcome) -> None:
+        command = resolve_on_rotate(self.settings.on_rotate)
+        if command is None or outcome.creds is None:
+            return
+        written = [m for m in members if m.key in outcome.written]
+        first = next((m for m in written if m.store.kind == "openclaw"), written[0])
+        variables = {
+            "EVENT": outcome.result,
+            "PROFILE": first.profile,
+            "STORE": str(first.store.path),
+            "EXPIRES_AT": datetime.fromtimestamp(outcome.creds.expires_at, UTC)
+            .strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "EXPIRES_MS": str(outcome.creds.expires_ms),
+            "PROFILES": "\n".join(f"{m.store.path}#{m.profile}" for m in written),
+        }
+        result = run_hook(command, variables, timeout=self.settings.hook_timeout,
+                          secrets=(outcome.creds.access, outcome.creds.refresh))
+        if result.ok:
+            self.log.info("on_rotate_ok", command=command)
+        else:
+            self.log.warning("on_rotate_failed", command=command, returncode=result.returncode,
+                             timed_out=result.timed_out, output=result.output)
+
+    # -- events -------------------------------------------------------------------------------
+    def _on_fs_event(self, path: Path) -> None:
+        if self.stop.is_set():
+            return
+        with self._lock:
+            known = path.absolute() in self.stores
+        job_id = f"scan:{path}" if known else "discover"
+        run_at = datetime.fromtimestamp(time.time() + self.settings.debounce, UTC)
+        func = self._scan_one if known else self.rescan_all
+        args = [path.absolute()] if known else []
+        with contextlib.suppress(Exception):
+            self.scheduler.add_job(func, "date", run_date=run_at, id=job_id, args=args,
+                                   replace_existing=True, executor="io")
+
+    def _scan_one(self, path: Path) -> None:
+        with self._lock:
+            info = self.stores.get(path)
+        if info is None:
+            self.rescan_all()
+            return
+        self.read_store(info)
+        self.reconcile()
+        if self.notifier is not None:
+            self.notifier.update(self.profile_statuses())
+
+    def request_scan(self) -> None:
+        with contextlib.suppress(Exception):
+            self.scheduler.add_job(self.rescan_all, "date", id="discover", replace_existing=True,
+                                   executor="io")
+
+    def sweep(self) -> None:
+        """Re-read everything: the safety net for missed events, suspends and clock jumps."""
+        with self._lock:
+            for info in self.stores.values():
+                info.digest = None  # force re-planning even when bytes are unchanged
+        self.rescan_all()
+        if self.notifier is not None:
+            self.notifier.update(self.profile_statuses())
+
+    # -- publishing -----------------------------------------------------------------------------
+    def profile_statuses(self) -> list[ProfileStatus]:
+        with self._lock:
+            out: list[ProfileStatus] = []
+            for key in sorted(self.views):
+                view, rt = self.views[key], self.runtime[key]
+                out.append({
+                    "store": str(key.store),
+                    "store_kind": view.store.kind,
+                    "agent": view.store.agent,
+                    "profile": key.profile,
+                    "family": rt.family,
+                    "state": rt.state,
+                    "expires_at": view.creds.expires_at if view.creds else None,
+                    "next_refresh_at": rt.next_refresh_at,
+                    "last_refresh_at": rt.last_refresh_at,
+                    "attempts": rt.attempts,
+                    "last_error": rt.last_error,
+                    "login_command": view.store.login_command(key.profile),
+                })
+            return out
+
+    def store_statuses(self) -> list[StoreStatus]:
+        with self._lock:
+            return [{"path": str(p), "kind": i.store.kind, "error": i.error}
+                    for p, i in sorted(self.stores.items())]
+
+    def publish(self) -> None:
+        import json
+
+        profiles = self.profile_statuses()
+        sweep = self.scheduler.get_job("sweep") if self.scheduler.running else None
+        state: PublishedState = {
+            "schema_version": 1,
+            "daemon": {
+                "pid": os.getpid(),
+                "version": __version__,
+                "started_at": self.started_at,
+                "updated_at": 0.0,
+                "next_sweep_at": sweep.next_run_time.timestamp()
+                if sweep is not None and sweep.next_run_time else None,
+            },
+            "profiles": profiles,
+            "stores": self.store_statuses(),
+            "lineage": self.history.links(),
+            "rejected": {fp: [t, r] for fp, (t, r) in self.history.rejected().items()},
+        }
+        body = json.dumps(state, sort_keys=True).encode()
+        with self._publish_lock:
+            if body == self._last_published:
+                return
+            self._last_published = body
+            state["daemon"]["updated_at"] = time.time()
+            try:
+                write_state(self.settings.state_dir, state)
+            except (OSError, StoreError) as exc:
+                self.log.error("state_write_failed", error=str(exc))
+        try:
+            from .status import summary_line
+
+            if sdnotify:
+                sdnotify.set_status(summary_line(profiles, time.time()))
+        except ImportError:
+            pass
+
+    def alive(self) -> bool:
+        return bool(self.scheduler.running) and time.monotonic() - self.last_tick < 60
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def _signal(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGHUP:
+            self._reload_requested = True
+        else:
+            self.stop.set()
+        self._wake.set()
+
+    def reload(self) -> None:
+        try:
+            settings = load_settings(self._overrides, config_file=self._config_file)
+        except ConfigError as exc:
+            self.log.error("reload_failed", error=str(exc), message="keeping the old settings")
+            return
+        old_client = self.client
+        self.settings = settings
+        self.client = self._make_client(settings)
+        assert self.engine is not None
+        self.engine.client = self.client
+        self.engine.lock_timeout = settings.lock_timeout
+        old_client.close()
+        self.scheduler.reschedule_job("sweep", trigger="interval",
+                                      seconds=settings.sweep_interval)
+        with self._lock:
+            for info in self.stores.values():
+                info.digest = None
+            for family in self.families.values():
+                family.head = ""  # re-plan with the new margin and jitter
+        self.log.info("reloaded")
+        self.rescan_all()
+
+    def start(self) -> None:
+        """Everything up to READY=1: lock, restore, first scan, jobs scheduled."""
+        self.daemon_lock.acquire()
+        self.salt = load_salt(self.settings.state_dir)
+        self.engine = Engine(client=self.client, salt=self.salt, history=self.history,
+                             journal=self.journal, lock_timeout=self.settings.lock_timeout,
+                             stop=self.stop)
+        self._restore()
+        self._setup_optional()
+        self.scheduler.start()
+        self.rescan_all()
+        self.scheduler.add_job(self.sweep, "interval", seconds=self.settings.sweep_interval,
+                               id="sweep", executor="io")
+
+    def run(self) -> int:
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._signal)
+        try:
+            self.start()
+        except BaseException:
+            self.shutdown()
+            raise
+        self.log.info("started", version=__version__, stores=len(self.stores),
+                      profiles=len(self.views), state_dir=str(self.settings.state_dir))
+        sdnotify and sdnotify.ready()
+        self.publish()
+        watchdog = sdnotify.watchdog_interval() if sdnotify else None
+        tick = min(watchdog, 15.0) if watchdog else 15.0
+        while not self.stop.is_set():
+            self._wake.wait(tick)
+            self._wake.clear()
+            self.last_tick = time.monotonic()
+            if watchdog:
+                sdnotify.watchdog_ping()
+            if self._reload_requested and not self.stop.is_set():
+                self._reload_requested = False
+                self.reload()
+            if self.notifier is not None and not self.stop.is_set():
+                self.notifier.update(self.profile_statuses())
+        self.log.info("stopping")
+        sdnotify and sdnotify.stopping()
+        self.shutdown()
+        return 0
+
+    def run_once(self) -> int:
+        """Refresh whatever is due now, wait for it, exit: for timers and cron."""
+        self.daemon_lock.acquire()
+        try:
+            self.salt = load_salt(self.settings.state_dir)
+            self.engine = Engine(client=self.client, salt=self.salt, history=self.history,
+                                 journal=self.journal, lock_timeout=self.settings.lock_timeout,
+                                 stop=self.stop)
+            self._restore()
+            self.stop.set()  # reconcile plans but schedules nothing
+            self.rescan_all()
+            self.stop.clear()
+            now = time.time()
+            with self._lock:
+                due = [f.id for f in self.families.values()
+                       if (f.lagging or f.planned <= now)
+                       and self.history.rejection(f.head) is None]
+            for job_id in due:
+                self._run_family_inner(job_id)
+            statuses = self.profile_statuses()
+            self.log.info("once_done", refreshed=len(due), profiles=len(statuses))
+            if any(p["state"] in ("needs_login", "expired") for p in statuses):
+                return 2
+            if not statuses or any(p["state"] in ("retrying", "invalid_store")
+                                   for p in statuses):
+                return 1
+            return 0
+        finally:
+            self.publish()
+            self.client.close()
+            self.daemon_lock.release()
+
+    def shutdown(self) -> None:
+        self.stop.set()
+        with contextlib.suppress(Exception):
+            self.scheduler.shutdown(wait=False)
+        deadline = time.monotonic() + self.settings.http_timeout + 2
+        with self._active_cv:
+            while self._active and time.monotonic() < deadline:
+                self._active_cv.wait(0.1)
+        if self.engine is not None:
+            # An in-flight write finishes before we go; a refresh that has not reached the
+            # write step has already been told to stop waiting for locks.
+            with self.engine.writing:
+                pass
+        self.watcher.stop()
+        if self.health is not None:
+            self.health.stop()
+        if self.notifier is not None:
+            self.notifier.close(2.0)
+        with contextlib.suppress(Exception):
+            self._last_published = None
+            self.publish()
+        self.client.close()
+        self.daemon_lock.release()
+
+
+def _failure_reason(outcome: Outcome) -> str:
+    reason = (outcome.reason or "").lower()
+    if outcome.result == "rejected":
+        return "rejected"
+    if outcome.result == "lock_timeout":
+        return "lock_timeout"
+    if outcome.result == "write_failed":
+        return "write_failed"
+    if "429" in reason:
+        return "http_429"
+    if "timed out" in reason or "timeout" in reason:
+        return "timeout"
+    if "http 5" in reason:
+        return "http_5xx"
+    if "response" in reason or "json" in reason or "body" in reason:
+        return "bad_response"
+    if "connect" in reason or "network" in reason or "connection" in reason:
+        return "network"
+    return "other"

@@ -1,0 +1,102 @@
+"""What the daemon remembers about token lineage, as fingerprints, never tokens.
+
+``successors`` maps a refresh token's fingerprint to the one that replaced it: every rotation we
+perform adds a link, and so does a rotation we watch another program perform. Following the
+links from any fingerprint gives the newest token of its lineage, which is how a store that
+shows an old token is recognised as reverted (or lagging) and healed, rather than refreshed
+again with a token the server has already consumed.
+
+``rejected`` holds fingerprints the server refused: a family whose newest token is in it needs
+a login, and we never send that token again.
+
+Only the newest credentials of each lineage are kept in memory (never on disk here: the
+journal does that while a write is pending), so a store that was reverted can be re-applied.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+
+from .models import Credentials
+
+#: Lineage links kept; each is two short hex strings, so this is a few hundred KB at most.
+MAX_LINKS = 4096
+
+
+class TokenHistory:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._successors: OrderedDict[str, str] = OrderedDict()
+        self._rejected: OrderedDict[str, tuple[float, str]] = OrderedDict()
+        self._latest: dict[str, Credentials] = {}
+
+    # -- lineage ----------------------------------------------------------------------------
+    def link(self, old: str, new: str) -> None:
+        """Record that ``old`` was replaced by ``new`` (a rotation)."""
+        if old == new:
+            return
+        with self._lock:
+            self._successors[old] = new
+            self._successors.move_to_end(old)
+            while len(self._successors) > MAX_LINKS:
+                self._successors.popitem(last=False)
+
+    def is_superseded(self, fp: str) -> bool:
+        with self._lock:
+            return fp in self._successors
+
+    def newest(self, fp: str) -> str:
+        """Follow the links to the newest fingerprint of ``fp``'s lineage (cycle-safe)."""
+        with self._lock:
+            seen = {fp}
+            while fp in self._successors:
+                fp = self._successors[fp]
+                if fp in seen:
+                    break
+                seen.add(fp)
+            return fp
+
+    def superseded(self) -> list[str]:
+        with self._lock:
+            return list(self._successors)
+
+    def load_links(self, links: dict[str, str]) -> None:
+        for old, new in links.items():
+            self.link(old, new)
+
+    def links(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self._successors)
+
+    # -- rejection --------------------------------------------------------------------------
+    def reject(self, fp: str, reason: str) -> None:
+        with self._lock:
+            self._rejected[fp] = (time.time(), reason)
+            while len(self._rejected) > MAX_LINKS:
+                self._rejected.popitem(last=False)
+
+    def rejection(self, fp: str) -> tuple[float, str] | None:
+        with self._lock:
+            return self._rejected.get(fp)
+
+    def rejected(self) -> dict[str, tuple[float, str]]:
+        with self._lock:
+            return dict(self._rejected)
+
+    def load_rejected(self, entries: dict[str, tuple[float, str]]) -> None:
+        with self._lock:
+            self._rejected.update(entries)
+
+    # -- newest credentials -----------------------------------------------------------------
+    def remember(self, fp: str, creds: Credentials) -> None:
+        with self._lock:
+            self._latest[fp] = creds
+            # Keep only lineage heads: anything superseded is dead weight (and a dead secret).
+            for old in [k for k in self._latest if k in self._successors]:
+                del self._latest[old]
+
+    def credentials(self, fp: str) -> Credentials | None:
+        with self._lock:
+            return self._latest.get(fp)

@@ -1,0 +1,121 @@
+"""Prometheus metrics, on a registry of our own.
+
+Counters and the histogram are events, so the daemon reports them as they happen. Everything
+that is a *state* (expiry, next refresh, last success, needs login) is read from the daemon's
+own profile list at scrape time by a custom collector, so there is no second copy of that state
+to keep in sync or to leave stale when a profile disappears.
+
+Labels come from closed sets (results, reasons) or are store paths and profile ids; a token
+value can never become a label or a sample value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
+
+from .state import ProfileStatus
+
+PREFIX = "qwen_refresher"
+#: What a refresh attempt can end as (engine results plus "adopted"); others count as "other".
+RESULTS = ("rotated", "adopted", "synced", "not_due", "transient", "rejected", "write_failed",
+           "lock_timeout", "unavailable")
+REASONS = ("network", "timeout", "http_5xx", "http_429", "bad_response", "rejected",
+           "lock_timeout", "write_failed", "other")
+STATES = ("ok", "due", "refreshing", "retrying", "needs_login", "expired", "invalid_store")
+#: A token request takes well under a second; a lock wait or a slow server takes tens.
+DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0)
+
+
+def _closed(value: str | None, allowed: tuple[str, ...]) -> str:
+    """Keep label values to a known set: bounded cardinality, and nothing unexpected leaks."""
+    return value if value in allowed else "other"
+
+
+class ProfileCollector(Collector):
+    """Gauges built from ``profiles_fn()`` at each scrape."""
+
+    def __init__(self, profiles_fn: Callable[[], list[ProfileStatus]]) -> None:
+        self._profiles_fn = profiles_fn
+
+    def describe(self) -> list[Metric]:
+        # Describing without calling profiles_fn keeps registration free of side effects.
+        return list(self._families())
+
+    def collect(self) -> Iterator[Metric]:
+        expiry, next_refresh, last_success, needs_login, state = self._families()
+        for p in self._profiles_fn():
+            labels = [p["store"], p["profile"]]
+            if p["expires_at"] is not None:
+                expiry.add_metric(labels, p["expires_at"])
+            if p["next_refresh_at"] is not None:
+                next_refresh.add_metric(labels, p["next_refresh_at"])
+            if p["last_refresh_at"] is not None:
+                last_success.add_metric(labels, p["last_refresh_at"])
+            needs_login.add_metric(labels, 1.0 if p["state"] == "needs_login" else 0.0)
+            for name in STATES:
+                state.add_metric([*labels, name], 1.0 if p["state"] == name else 0.0)
+        yield from (expiry, next_refresh, last_success, needs_login, state)
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, ...]:
+        labels = ["store", "profile"]
+        return (
+            GaugeMetricFamily(f"{PREFIX}_token_expiry_timestamp_seconds",
+                              "When the profile's access token expires (unix time).",
+                              labels=labels),
+            GaugeMetricFamily(f"{PREFIX}_next_refresh_timestamp_seconds",
+                              "When the next refresh is planned (unix time).", labels=labels),
+            GaugeMetricFamily(f"{PREFIX}_last_success_timestamp_seconds",
+                              "When the profile was last refreshed successfully (unix time).",
+                              labels=labels),
+            GaugeMetricFamily(f"{PREFIX}_needs_login",
+                              "1 when only a new login can fix the profile.", labels=labels),
+            GaugeMetricFamily(f"{PREFIX}_profile_state",
+                              "1 for the profile's current state, 0 for the others.",
+                              labels=[*labels, "state"]),
+        )
+
+
+class Metrics:
+    """Everything ``/metrics`` serves; the daemon owns one."""
+
+    def __init__(self, profiles_fn: Callable[[], list[ProfileStatus]]) -> None:
+        # Our own registry: the global one carries process/platform collectors and would make
+        # two daemons in one test process collide on registration.
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.refresh_total = Counter(
+            f"{PREFIX}_refresh", "Refresh attempts by how they ended.", ["result"],
+            registry=self.registry)
+        self.refresh_failures_total = Counter(
+            f"{PREFIX}_refresh_failures", "Failed refresh attempts by reason.", ["reason"],
+            registry=self.registry)
+        self.store_errors_total = Counter(
+            f"{PREFIX}_store_errors", "Times a store could not be read or written.", ["store"],
+            registry=self.registry)
+        self.refresh_duration = Histogram(
+            f"{PREFIX}_refresh_duration_seconds", "Time one refresh attempt took.",
+            buckets=DURATION_BUCKETS, registry=self.registry)
+        for result in RESULTS:  # present from the start, so rate() sees the first increment
+            self.refresh_total.labels(result=result)
+        for reason in REASONS:
+            self.refresh_failures_total.labels(reason=reason)
+        self.registry.register(ProfileCollector(profiles_fn))
+
+    def refresh_finished(self, result: str, duration: float, reason: str | None = None) -> None:
+        """Count one attempt; ``reason`` (failures only) is one of ``REASONS``."""
+        self.refresh_total.labels(result=_closed(result, RESULTS)).inc()
+        self.refresh_duration.observe(max(0.0, duration))
+        if reason is not None:
+            self.refresh_failures_total.labels(reason=_closed(reason, REASONS)).inc()
+
+    def store_error(self, store: str) -> None:
+        self.store_errors_total.labels(store=store).inc()
+
+    def render(self) -> tuple[bytes, str]:
+        """The text exposition format and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,137 @@
+"""Where things are: OpenClaw's state and agent dirs, Qwen Code's home, our own XDG dirs.
+
+Resolution follows OpenClaw's own ``resolveStateDir``/``resolveOpenClawAgentDir`` so that we
+manage exactly the files the gateway uses. Stdlib only: ``status`` calls this on every run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+AUTH_STORE_NAME = "auth-profiles.json"
+QWEN_CREDS_NAME = "oauth_creds.json"
+LEGACY_STATE_DIRNAMES = (".clawdbot", ".moldbot", ".moltbot")
+NEW_STATE_DIRNAME = ".openclaw"
+DEFAULT_AGENT_ID = "main"
+
+
+def _env(env: Mapping[str, str] | None) -> Mapping[str, str]:
+    return os.environ if env is None else env
+
+
+def _expand(raw: str, env: Mapping[str, str]) -> Path:
+    """Expand a leading ``~`` against the OpenClaw home, as OpenClaw's resolveUserPath does."""
+    raw = raw.strip()
+    if raw == "~" or raw.startswith("~/"):
+        return openclaw_home(env) / raw[2:] if raw != "~" else openclaw_home(env)
+    return Path(raw).absolute()
+
+
+def openclaw_home(env: Mapping[str, str] | None = None) -> Path:
+    """``$OPENCLAW_HOME`` replaces ``~`` in every OpenClaw path; else the user's home."""
+    e = _env(env)
+    override = e.get("OPENCLAW_HOME", "").strip()
+    if override:
+        if override.startswith("~"):
+            return Path(e.get("HOME") or Path.home()).joinpath(override[2:])
+        return Path(override).absolute()
+    home = e.get("HOME", "").strip()
+    return Path(home) if home else Path.home()
+
+
+def openclaw_state_dir(env: Mapping[str, str] | None = None) -> Path:
+    """OpenClaw's state dir, resolved in OpenClaw's order.
+
+    ``$OPENCLAW_STATE_DIR``, then ``$CLAWDBOT_STATE_DIR``, then ``~/.openclaw`` if it exists, then
+    the first existing legacy dir, else ``~/.openclaw`` (which may not exist yet).
+    """
+    e = _env(env)
+    for var in ("OPENCLAW_STATE_DIR", "CLAWDBOT_STATE_DIR"):
+        value = e.get(var, "").strip()
+        if value:
+            return _expand(value, e)
+    home = openclaw_home(e)
+    new_dir = home / NEW_STATE_DIRNAME
+    if new_dir.exists():
+        return new_dir
+    for name in LEGACY_STATE_DIRNAMES:
+        legacy = home / name
+        if legacy.exists():
+            return legacy
+    return new_dir
+
+
+def main_agent_dir(env: Mapping[str, str] | None = None) -> Path:
+    """The main agent's dir: ``$OPENCLAW_AGENT_DIR`` / ``$PI_CODING_AGENT_DIR`` win."""
+    e = _env(env)
+    for var in ("OPENCLAW_AGENT_DIR", "PI_CODING_AGENT_DIR"):
+        value = e.get(var, "").strip()
+        if value:
+            return _expand(value, e)
+    return openclaw_state_dir(e) / "agents" / DEFAULT_AGENT_ID / "agent"
+
+
+def discover_openclaw_stores(env: Mapping[str, str] | None = None) -> list[Path]:
+    """Every agent's ``auth-profiles.json`` that exists now, plus the main agent's override.
+
+    Agents that do not exist yet are found by the watcher on ``<state>/agents`` and the sweep.
+    """
+    e = _env(env)
+    found: list[Path] = []
+    agents = openclaw_state_dir(e) / "agents"
+    try:
+        entries = sorted(agents.iterdir())
+    except OSError:
+        entries = []
+    for entry in entries:
+        candidate = entry / "agent" / AUTH_STORE_NAME
+        if os.path.lexists(candidate):
+            found.append(candidate)
+    main = main_agent_dir(e) / AUTH_STORE_NAME
+    if main not in found and os.path.lexists(main):
+        found.append(main)
+    return found
+
+
+def qwen_home(env: Mapping[str, str] | None = None) -> Path:
+    """Qwen Code's dir: ``$QWEN_HOME`` else ``~/.qwen``."""
+    e = _env(env)
+    value = e.get("QWEN_HOME", "").strip()
+    if value:
+        return Path(value).expanduser().absolute()
+    home = e.get("HOME", "").strip()
+    return (Path(home) if home else Path.home()) / ".qwen"
+
+
+def qwen_code_creds(env: Mapping[str, str] | None = None) -> Path:
+    return qwen_home(env) / QWEN_CREDS_NAME
+
+
+def _xdg(var: str, fallback: str, env: Mapping[str, str]) -> Path:
+    value = env.get(var, "").strip()
+    if value and Path(value).is_absolute():
+        return Path(value)
+    home = env.get("HOME", "").strip()
+    return (Path(home) if home else Path.home()) / fallback
+
+
+def default_state_dir(env: Mapping[str, str] | None = None) -> Path:
+    """``$XDG_STATE_HOME/qwen-refresher`` (``~/.local/state/qwen-refresher``)."""
+    return _xdg("XDG_STATE_HOME", ".local/state", _env(env)) / "qwen-refresher"
+
+
+def default_config_file(env: Mapping[str, str] | None = None) -> Path:
+    """``$XDG_CONFIG_HOME/qwen-refresher/config.toml``."""
+    return _xdg("XDG_CONFIG_HOME", ".config", _env(env)) / "qwen-refresher" / "config.toml"
+
+
+def shorten_home(path: Path | str, env: Mapping[str, str] | None = None) -> str:
+    """Show a path with the home dir as ``~``: shorter rows in ``status``, same meaning."""
+    e = _env(env)
+    text = str(path)
+    home = e.get("HOME", "").rstrip("/")
+    if home and (text == home or text.startswith(home + "/")):
+        return "~" + text[len(home):]
+    return text

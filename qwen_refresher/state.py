@@ -1,0 +1,201 @@
+"""What the daemon publishes about itself, and the only place it ever keeps a token.
+
+``state.json`` (0600, no token values) is how ``status`` learns what the daemon knows without
+talking to it: the daemon rewrites it atomically whenever something a person would care about
+changes. ``journal.json`` (0600) holds rotated tokens only between the server's answer and the
+moment every store has them, so a crash or a read-only store never loses a rotation.
+``daemon.lock`` is flock-ed by the running daemon: status asks the kernel, not a pid file,
+whether a daemon is alive. Stdlib only, because ``status`` reads it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import Literal, NotRequired, TypedDict
+
+from .errors import AlreadyRunning
+from .fileio import atomic_write, ensure_private_dir
+
+SCHEMA_VERSION = 1
+STATE_FILE = "state.json"
+JOURNAL_FILE = "journal.json"
+SALT_FILE = "salt"
+DAEMON_LOCK = "daemon.lock"
+
+ProfileState = Literal[
+    "ok", "due", "refreshing", "retrying", "needs_login", "expired", "invalid_store"
+]
+
+
+class DaemonInfo(TypedDict):
+    pid: int
+    version: str
+    started_at: float
+    updated_at: float
+    next_sweep_at: float | None
+
+
+class ProfileStatus(TypedDict):
+    store: str
+    store_kind: str
+    agent: str | None
+    profile: str
+    family: str | None
+    state: ProfileState
+    expires_at: float | None
+    next_refresh_at: float | None
+    last_refresh_at: float | None
+    attempts: int
+    last_error: str | None
+    login_command: str | None
+
+
+class StoreStatus(TypedDict):
+    path: str
+    kind: str
+    error: str | None
+
+
+class PublishedState(TypedDict):
+    schema_version: int
+    daemon: DaemonInfo
+    profiles: list[ProfileStatus]
+    stores: list[StoreStatus]
+    #: Lineage links (consumed refresh-token fingerprint -> its successor), so a restarted
+    #: daemon still recognises a reverted store.
+    lineage: NotRequired[dict[str, str]]
+    #: Fingerprints the server rejected -> [when, reason]: never sent again after a restart.
+    rejected: NotRequired[dict[str, list[float | str]]]
+
+
+class JournalEntry(TypedDict):
+    """Tokens received but not yet in every member store (secrets: 0600, short-lived)."""
+
+    family: str
+    replaces: str  # fingerprint of the refresh token these tokens replace
+    received_at: float
+    access: str
+    refresh: str
+    expires_ms: int
+    resource_url: str | None
+    members: list[list[str]]  # [store path, profile id] still to be written
+
+
+def state_file(state_dir: Path) -> Path:
+    return state_dir / STATE_FILE
+
+
+def read_state(state_dir: Path) -> PublishedState | None:
+    """The daemon's last published state, or None if absent or unreadable."""
+    try:
+        data = (state_dir / STATE_FILE).read_bytes()
+        doc = json.loads(data)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict) or doc.get("schema_version") != SCHEMA_VERSION:
+        return None
+    return doc  # type: ignore[return-value]
+
+
+def write_state(state_dir: Path, state: PublishedState) -> None:
+    ensure_private_dir(state_dir)
+    data = json.dumps(state, indent=1, sort_keys=True).encode()
+    atomic_write(state_dir / STATE_FILE, data, mode=0o600)
+
+
+def load_salt(state_dir: Path) -> bytes:
+    """The per-installation salt for fingerprints, created on first use."""
+    path = state_dir / SALT_FILE
+    with contextlib.suppress(OSError):
+        salt = path.read_bytes()
+        if len(salt) >= 16:
+            return salt
+    ensure_private_dir(state_dir)
+    salt = secrets.token_bytes(32)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_bytes()
+    try:
+        os.write(fd, salt)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return salt
+
+
+def read_journal(state_dir: Path) -> list[JournalEntry]:
+    try:
+        doc = json.loads((state_dir / JOURNAL_FILE).read_bytes())
+    except (OSError, ValueError):
+        return []
+    entries = doc.get("entries") if isinstance(doc, dict) else None
+    return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+
+
+def write_journal(state_dir: Path, entries: list[JournalEntry]) -> None:
+    """Persist pending rotations; an empty list removes the file (no token lingers on disk)."""
+    path = state_dir / JOURNAL_FILE
+    if not entries:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        return
+    ensure_private_dir(state_dir)
+    atomic_write(path, json.dumps({"entries": entries}).encode(), mode=0o600)
+
+
+class DaemonLock:
+    """An flock on ``daemon.lock``: held while a daemon runs, released by the kernel on death.
+
+    A pid file can outlive its process (kill -9, reboot) and lie; an flock cannot.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / DAEMON_LOCK
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        ensure_private_dir(self.path.parent)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            pid = daemon_pid(self.path.parent)
+            raise AlreadyRunning(
+                f"another qwen-refresher (pid {pid or '?'}) already uses {self.path.parent}"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def daemon_pid(state_dir: Path) -> int | None:
+    """The running daemon's pid, or None when no daemon holds the lock."""
+    path = state_dir / DAEMON_LOCK
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raw = os.read(fd, 32).decode(errors="replace").strip()
+            return int(raw) if raw.isdigit() else -1
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+

@@ -1,0 +1,765 @@
+"""``qwen-refresher status``: what every managed profile looks like now, and an exit code to match.
+
+Health checks run this every few seconds, so it must cost little more than starting Python. It
+never talks to the daemon and never imports ``config`` (pydantic), structlog, httpx or the
+scheduler. It asks the kernel, through the daemon's flock, whether a daemon is alive, and reads
+what that daemon published in ``state.json`` (atomic, 0600, no tokens).
+
+Speed: on the common path (daemon running, no store written since its last publish) it imports
+only ``argparse``, ``json``, ``fcntl`` and our ``paths``/``durations``/``errors``; even
+``typing`` and ``dataclasses`` stay out, which is why this module reads the state file and the
+lock itself instead of importing ``state`` (whose import pulls ``fileio`` and ``dataclasses``,
+about 15 ms, 1.3x a bare interpreter start). ``tests/test_status.py`` checks that both readings
+agree. The store adapters are imported only when a store must be read: no daemon runs, it has
+not published yet, or a store file changed after the last publish (someone else rotated).
+
+Exit codes, most severe first: 2 a profile needs a new login or its token is expired; 3 the
+daemon is not running; 1 any other degradation (retrying, unusable store, no profile); 0 good.
+
+No token can reach the output: rows hold only ``ProfileStatus`` fields, expiry times and store
+problems, none of which ever contain a token value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from . import __version__, paths
+from .durations import format_duration, parse_duration
+from .errors import EX_CONFIG, EX_FAILURE, EX_NEEDS_LOGIN, EX_NOT_RUNNING, EX_OK, StoreError
+
+# ``typing`` costs ~3 ms per run; mypy treats this constant as True, the interpreter as False.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping, Sequence
+    from typing import Any, TextIO
+
+    from .state import DaemonInfo, ProfileState, ProfileStatus, PublishedState, StoreStatus
+    from .stores import Store, StoreSnapshot
+
+ENV_PREFIX = "QWEN_REFRESHER_"
+DEFAULT_MARGIN = 900.0
+#: These three mirror ``state``'s constants (a test keeps them equal).
+SCHEMA_VERSION = 1
+STATE_FILE = "state.json"
+DAEMON_LOCK = "daemon.lock"
+#: ``profile`` of a row that stands for a whole store file that could not be read.
+WHOLE_STORE = ""
+NO_PROFILE = "no qwen-portal profile found"
+
+NEEDS_LOGIN_STATES = frozenset({"needs_login", "expired"})
+DEGRADED_STATES = frozenset({"retrying", "invalid_store"})
+#: Derived from the expiry alone, so a fresher expiry read from the store may replace them.
+EXPIRY_STATES = frozenset({"ok", "due", "expired"})
+#: Every state, worst first: the order of words in summaries.
+SEVERITY: tuple[ProfileState, ...] = (
+    "needs_login", "expired", "invalid_store", "retrying", "refreshing", "due", "ok",
+)
+_TRUE = frozenset({"1", "true", "yes", "on", "t", "y"})
+_FALSE = frozenset({"0", "false", "no", "off", "f", "n"})
+
+
+class SettingsError(Exception):
+    """A setting status needs is unusable; exit 78, as the daemon would."""
+
+
+# -- settings -------------------------------------------------------------------------------
+
+
+class StatusSettings:
+    """The handful of settings status needs, resolved without pydantic."""
+
+    __slots__ = ("discover", "margin", "qwen_code", "state_dir", "stores")
+
+    def __init__(self, state_dir: Path, stores: Sequence[Path] = (), *, discover: bool = True,
+                 qwen_code: bool = True, margin: float = DEFAULT_MARGIN) -> None:
+        self.state_dir = state_dir
+        self.stores = tuple(stores)
+        self.discover = discover
+        self.qwen_code = qwen_code
+        self.margin = margin
+
+
+def _parse_bool(name: str, value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise SettingsError(f"invalid setting {name} ({ENV_PREFIX}{name.upper()}): {value!r} is "
+                        "not a boolean")
+
+
+def _path(value: object) -> Path:
+    return Path(str(value)).expanduser().absolute()
+
+
+def _load_toml(path: Path, explicit: bool) -> dict[str, Any]:
+    """The config file as a dict; a missing default file is simply no file."""
+    if not explicit and not path.exists():
+        return {}
+    import tomllib  # only when there is a file: it costs a few ms on every health check
+
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"invalid setting config: {path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise SettingsError(f"invalid setting config: {path}: cannot be read: "
+                            f"{exc.strerror}") from None
+
+
+def _env_stores(raw: str) -> list[Path]:
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise SettingsError(f"invalid setting stores ({ENV_PREFIX}STORES): must be a JSON list "
+                            'of paths, e.g. ["/path/one.json", "/path/two.json"]')
+    return [_path(v) for v in value]
+
+
+def _file_stores(value: object) -> list[Path]:
+    if isinstance(value, str):
+        return [_path(value)]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return [_path(v) for v in value]
+    raise SettingsError("invalid setting stores: expected a list of paths")
+
+
+def _pick(name: str, flag: object, env: Mapping[str, str], toml: Mapping[str, Any]) -> object:
+    """flag > environment > file; None when none of them sets it."""
+    if flag is not None:
+        return flag
+    raw = env.get(ENV_PREFIX + name.upper())
+    if raw is not None and raw.strip() != "":
+        return raw
+    return toml.get(name)
+
+
+def _stores_setting(flag: list[str] | None, env: Mapping[str, str],
+                    toml: Mapping[str, Any]) -> list[Path]:
+    if flag:
+        return [_path(s) for s in flag]
+    if env.get(ENV_PREFIX + "STORES", "").strip():
+        return _env_stores(env[ENV_PREFIX + "STORES"])
+    if "stores" in toml:
+        return _file_stores(toml["stores"])
+    return []
+
+
+def resolve_settings(args: argparse.Namespace, env: Mapping[str, str]) -> StatusSettings:
+    """Flags > ``QWEN_REFRESHER_*`` environment > TOML file > defaults, as the daemon does.
+
+    Only the settings that decide what to look at are read; the rest of the file is the
+    daemon's business (it validates them at start-up).
+    """
+    config_flag = getattr(args, "config", None) or env.get(ENV_PREFIX + "CONFIG") or None
+    config = Path(config_flag).expanduser() if config_flag else paths.default_config_file(env)
+    toml = _load_toml(config, explicit=config_flag is not None)
+    state_dir = _pick("state_dir", getattr(args, "state_dir", None), env, toml)
+    discover = _pick("discover", None, env, toml)
+    qwen_code = _pick("qwen_code", None, env, toml)
+    margin = _pick("margin", None, env, toml)
+    try:
+        margin_s = DEFAULT_MARGIN if margin is None else parse_duration(margin)
+    except ValueError as exc:
+        raise SettingsError(f"invalid setting margin ({ENV_PREFIX}MARGIN): {exc}") from None
+    return StatusSettings(
+        _path(state_dir) if state_dir is not None else paths.default_state_dir(env),
+        _stores_setting(getattr(args, "store", None), env, toml),
+        discover=True if discover is None else _parse_bool("discover", discover),
+        qwen_code=True if qwen_code is None else _parse_bool("qwen_code", qwen_code),
+        margin=margin_s,
+    )
+
+
+def managed_stores(settings: StatusSettings, env: Mapping[str, str]) -> list[Path]:
+    """The store files a daemon with these settings would manage, without duplicates."""
+    candidates: list[Path] = list(settings.stores)
+    if settings.discover:
+        candidates += paths.discover_openclaw_stores(env)
+    qwen_file = paths.qwen_code_creds(env)
+    if settings.qwen_code and os.path.lexists(qwen_file):
+        candidates.append(qwen_file)
+    return list(dict.fromkeys(c.absolute() for c in candidates))
+
+
+# -- what the daemon published ----------------------------------------------------------------
+
+
+def daemon_pid(state_dir: Path) -> int | None:
+    """The running daemon's pid (-1 if unreadable), or None: ``state.daemon_pid``, restated.
+
+    An flock cannot outlive its process, unlike a pid file, so this cannot be fooled by a
+    daemon killed with -9.
+    """
+    try:
+        fd = os.open(state_dir / DAEMON_LOCK, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raw = os.read(fd, 32).decode(errors="replace").strip()
+            return int(raw) if raw.isdigit() else -1
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def read_published(state_dir: Path) -> tuple[PublishedState | None, float]:
+    """The daemon's last published state and when it was written (its mtime), or (None, 0)."""
+    try:
+        with (state_dir / STATE_FILE).open("rb") as fh:
+            mtime = os.fstat(fh.fileno()).st_mtime
+            doc = json.loads(fh.read())
+    except (OSError, ValueError):
+        return None, 0.0
+    if not isinstance(doc, dict) or doc.get("schema_version") != SCHEMA_VERSION:
+        return None, 0.0
+    return doc, mtime  # type: ignore[return-value]
+
+
+def _num(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _coerce(raw: object) -> ProfileStatus | None:
+    """One published profile entry with the types we print; None if it is not one.
+
+    The state file is ours, but a health check must not crash on a half-upgraded daemon.
+    """
+    if not isinstance(raw, dict) or not isinstance(raw.get("store"), str) or \
+            not isinstance(raw.get("profile"), str):
+        return None
+    state = raw.get("state")
+    attempts = raw.get("attempts")
+    return {
+        "store": raw["store"], "store_kind": _text(raw.get("store_kind")) or "openclaw",
+        "agent": _text(raw.get("agent")), "profile": raw["profile"],
+        "family": _text(raw.get("family")),
+        "state": state if state in SEVERITY else "invalid_store",
+        "expires_at": _num(raw.get("expires_at")),
+        "next_refresh_at": _num(raw.get("next_refresh_at")),
+        "last_refresh_at": _num(raw.get("last_refresh_at")),
+        "attempts": attempts if isinstance(attempts, int) else 0,
+        "last_error": _text(raw.get("last_error")),
+        "login_command": _text(raw.get("login_command")),
+    }
+
+
+def published_profiles(published: PublishedState) -> list[ProfileStatus]:
+    raw = published.get("profiles")
+    entries: list[Any] = raw if isinstance(raw, list) else []
+    return [row for entry in entries if (row := _coerce(entry)) is not None]
+
+
+def published_stores(published: PublishedState) -> list[StoreStatus]:
+    raw = published.get("stores")
+    entries: list[Any] = raw if isinstance(raw, list) else []
+    return [{"path": e["path"], "kind": _text(e.get("kind")) or "openclaw",
+             "error": _text(e.get("error"))}
+            for e in entries if isinstance(e, dict) and isinstance(e.get("path"), str)]
+
+
+def _published_by(published: PublishedState, pid: int | None) -> bool:
+    """The state file belongs to the daemon holding the lock, not to one that died before it."""
+    daemon = published.get("daemon")
+    if not isinstance(daemon, dict) or not isinstance(published.get("profiles"), list):
+        return False
+    return pid is None or pid <= 0 or daemon.get("pid") == pid
+
+
+# -- reading stores ourselves -----------------------------------------------------------------
+
+
+def _store_for(path: Path, kind: str | None) -> Store:
+    """The adapter for a file: the kind the daemon recorded, else guessed from the name."""
+    from .stores import STORE_KINDS, OpenClawStore, QwenCodeStore
+
+    if kind is not None and kind in STORE_KINDS:
+        return STORE_KINDS[kind](path)
+    if path.name == paths.QWEN_CREDS_NAME:
+        return QwenCodeStore(path)
+    return OpenClawStore(path)
+
+
+def _read(store: Store) -> StoreSnapshot | StoreError:
+    try:
+        return store.read()
+    except StoreError as exc:
+        return exc
+
+
+def derive_state(expires_at: float, now: float, margin: float) -> ProfileState:
+    """What the expiry alone says: past it, inside the refresh margin, or fine."""
+    if expires_at <= now:
+        return "expired"
+    if expires_at - margin <= now:
+        return "due"
+    return "ok"
+
+
+def _row(store: Store, profile: str, state: ProfileState, *, expires_at: float | None = None,
+         error: str | None = None, login: str | None = None) -> ProfileStatus:
+    return {
+        "store": str(store.path), "store_kind": store.kind, "agent": store.agent,
+        "profile": profile, "family": None, "state": state, "expires_at": expires_at,
+        "next_refresh_at": None, "last_refresh_at": None, "attempts": 0, "last_error": error,
+        "login_command": login,
+    }
+
+
+def _same_time(a: float | None, b: float | None) -> bool:
+    return a is not None and b is not None and abs(a - b) < 0.0015
+
+
+def _carry(row: ProfileStatus, previous: ProfileStatus | None) -> ProfileStatus:
+    """Keep what a stopped daemon last knew: its last refresh, error and family, and a
+    needs_login verdict for as long as the store still holds the token that was refused (the
+    same expiry means nobody has written new tokens since)."""
+    if previous is None:
+        return row
+    row["family"] = previous["family"]
+    row["last_refresh_at"] = previous["last_refresh_at"]
+    row["attempts"] = previous["attempts"]
+    if row["last_error"] is None:
+        row["last_error"] = previous["last_error"]
+    if (previous["state"] == "needs_login" and row["state"] != "invalid_store"
+            and _same_time(previous["expires_at"], row["expires_at"])):
+        row["state"] = "needs_login"
+    return row
+
+
+def _rows_from_store(store: Store, read: StoreSnapshot | StoreError, now: float, margin: float,
+                     previous: Mapping[tuple[str, str], ProfileStatus]) -> list[ProfileStatus]:
+    """Rows for one store read by us: one per qwen profile, or one for the whole file."""
+    if isinstance(read, StoreError):
+        known = [p for (s, p) in previous if s == str(store.path)] or [WHOLE_STORE]
+        return [_row(store, p, "invalid_store", error=read.problem) for p in known]
+    rows: list[ProfileStatus] = []
+    for profile_id, record in read.records.items():
+        login = store.login_command(profile_id)
+        if record.creds is None:
+            row = _row(store, profile_id, "invalid_store", error=record.problem, login=login)
+        else:
+            expires = record.creds.expires_at
+            row = _row(store, profile_id, derive_state(expires, now, margin), expires_at=expires,
+                       login=login)
+        rows.append(_carry(row, previous.get((str(store.path), profile_id))))
+    return rows
+
+
+def _index(profiles: Iterable[ProfileStatus]) -> dict[tuple[str, str], ProfileStatus]:
+    return {(p["store"], p["profile"]): p for p in profiles}
+
+
+def collect_from_stores(files: Sequence[Path], now: float, margin: float,
+                        previous: PublishedState | None,
+                        ) -> tuple[list[ProfileStatus], list[StoreStatus]]:
+    """Read every store ourselves: no daemon runs, or it has not published yet.
+
+    Stores the last daemon knew about are included even if today's settings would not find
+    them, and the kind it recorded for each file is believed over a guess from the name.
+    """
+    old_stores = published_stores(previous) if previous else []
+    known = _index(published_profiles(previous)) if previous else {}
+    kinds = {s["path"]: s["kind"] for s in old_stores}
+    ordered = list(dict.fromkeys([*files, *(Path(s["path"]) for s in old_stores)]))
+    profiles: list[ProfileStatus] = []
+    statuses: list[StoreStatus] = []
+    for path in ordered:
+        store = _store_for(path, kinds.get(str(path)))
+        read = _read(store)
+        error = read.problem if isinstance(read, StoreError) else None
+        statuses.append({"path": str(store.path), "kind": store.kind, "error": error})
+        profiles += _rows_from_store(store, read, now, margin, known)
+    return profiles, statuses
+
+
+def _changed_since(store: str, published_at: float) -> bool:
+    """The store was written after the daemon last published (or we cannot tell)."""
+    try:
+        return Path(store).stat().st_mtime >= published_at
+    except OSError:
+        return False
+
+
+def refresh_expiries(profiles: list[ProfileStatus], now: float, margin: float,
+                     published_at: float) -> None:
+    """Show the expiry a store holds now if it was written after the last publish, in case
+    someone else rotated or logged in since.
+
+    The daemon stays authoritative for what only it knows (refreshing, retrying, needs_login,
+    unless a newer token has appeared); a store we cannot read right now, say a writer caught
+    mid-write, changes nothing.
+    """
+    reads: dict[str, StoreSnapshot | StoreError | None] = {}
+    for row in profiles:
+        name = row["store"]
+        if row["profile"] == WHOLE_STORE:
+            continue
+        if name not in reads:
+            changed = _changed_since(name, published_at)
+            reads[name] = _read(_store_for(Path(name), row["store_kind"])) if changed else None
+        read = reads[name]
+        record = None if read is None or isinstance(read, StoreError) else \
+            read.records.get(row["profile"])
+        if record is None or record.creds is None:
+            continue
+        fresh = record.creds.expires_at
+        if _same_time(fresh, row["expires_at"]):
+            continue
+        relogged = row["state"] == "needs_login" and fresh > max(now, row["expires_at"] or 0.0)
+        row["expires_at"] = fresh
+        if row["state"] in EXPIRY_STATES or relogged:
+            row["state"] = derive_state(fresh, now, margin)
+
+
+# -- collecting -------------------------------------------------------------------------------
+
+
+class Report:
+    """Everything status prints, gathered once so that text and JSON cannot disagree."""
+
+    __slots__ = ("daemon", "now", "pid", "profiles", "running", "source", "state_dir", "stores")
+
+    def __init__(self, now: float, state_dir: Path, pid: int | None, daemon: DaemonInfo | None,
+                 profiles: list[ProfileStatus], stores: list[StoreStatus], source: str) -> None:
+        self.now = now
+        self.state_dir = state_dir
+        self.pid = pid
+        self.running = pid is not None
+        self.daemon = daemon
+        self.profiles = profiles
+        self.stores = stores
+        self.source = source  # "daemon": rows as the daemon published them; "stores": ours
+
+    @property
+    def exit_code(self) -> int:
+        return exit_code(self.profiles, self.running, self.stores)
+
+
+def collect(settings: StatusSettings, env: Mapping[str, str], now: float) -> Report:
+    """The daemon's published view while it runs, else our own reading of the stores."""
+    pid = daemon_pid(settings.state_dir)
+    published, published_at = read_published(settings.state_dir)
+    if pid is not None and published is not None and _published_by(published, pid):
+        profiles = published_profiles(published)
+        refresh_expiries(profiles, now, settings.margin, published_at)
+        daemon = published["daemon"]
+        shown_pid = daemon.get("pid") if pid <= 0 else pid
+        return Report(now, settings.state_dir, shown_pid if isinstance(shown_pid, int) else -1,
+                      daemon, profiles, published_stores(published), "daemon")
+    profiles, statuses = collect_from_stores(managed_stores(settings, env), now, settings.margin,
+                                             published)
+    last = published["daemon"] if published is not None and pid is not None else None
+    return Report(now, settings.state_dir, pid, last, profiles, statuses, "stores")
+
+
+# -- verdicts ---------------------------------------------------------------------------------
+
+
+def exit_code(profiles: Sequence[ProfileStatus], running: bool,
+              stores: Sequence[StoreStatus] = ()) -> int:
+    """Most severe wins: 2 needs login or expired, 3 no daemon, 1 degraded, 0 all good."""
+    states = {p["state"] for p in profiles}
+    if states & NEEDS_LOGIN_STATES:
+        return EX_NEEDS_LOGIN
+    if not running:
+        return EX_NOT_RUNNING
+    if not profiles or states & DEGRADED_STATES or any(s.get("error") for s in stores):
+        return EX_FAILURE
+    return EX_OK
+
+
+def _names(profiles: Sequence[ProfileStatus]) -> str:
+    names = list(dict.fromkeys(p["profile"] or paths.shorten_home(p["store"]) for p in profiles))
+    if len(names) > 2:
+        return f"{names[0]}, {names[1]} and {len(names) - 2} more"
+    return " and ".join(names)
+
+
+def _counts(profiles: Sequence[ProfileStatus], named: bool) -> list[str]:
+    """"2 profiles ok" alone; "3 profiles: 1 retrying, 2 ok" mixed; bare counts after names."""
+    counts = {s: sum(1 for p in profiles if p["state"] == s) for s in SEVERITY[2:]}
+    words = [f"{n} {s.replace('_', ' ')}" for s, n in counts.items() if n]
+    total = sum(counts.values())
+    if named or not words:
+        return words
+    if len(words) == 1:
+        state = next(s for s, n in counts.items() if n).replace("_", " ")
+        return [f"{total} profile{'s' if total != 1 else ''} {state}"]
+    return [f"{total} profiles: {words[0]}", *words[1:]]
+
+
+def summary_line(profiles: list[ProfileStatus], now: float) -> str:
+    """One line for systemd's ``STATUS=`` and the status footer.
+
+    "2 profiles ok, next refresh in 5h41m", "qwen-portal:default needs login",
+    "no qwen-portal profile found". What needs a person comes first, by name.
+    """
+    if not profiles:
+        return NO_PROFILE
+    parts: list[str] = []
+    login = [p for p in profiles if p["state"] == "needs_login"]
+    expired = [p for p in profiles if p["state"] == "expired"]
+    if login:
+        parts.append(f"{_names(login)} need{'s' if len(_names_set(login)) == 1 else ''} login")
+    if expired:
+        parts.append(f"{_names(expired)} expired")
+    parts += _counts(profiles, named=bool(parts))
+    upcoming = [p["next_refresh_at"] for p in profiles if p["next_refresh_at"] is not None]
+    if upcoming:
+        wait = min(upcoming) - now
+        parts.append("next refresh now" if wait <= 0 else
+                     f"next refresh in {format_duration(wait)}")
+    return ", ".join(parts)
+
+
+def _names_set(profiles: Sequence[ProfileStatus]) -> set[str]:
+    return {p["profile"] or p["store"] for p in profiles}
+
+
+def families(profiles: Sequence[ProfileStatus]) -> dict[str, list[ProfileStatus]]:
+    """Profiles that share one refresh token, which the daemon refreshes as one."""
+    groups: dict[str, list[ProfileStatus]] = {}
+    for p in profiles:
+        if p["family"]:
+            groups.setdefault(p["family"], []).append(p)
+    return {k: v for k, v in groups.items() if len(v) > 1}
+
+
+# -- rendering --------------------------------------------------------------------------------
+
+
+def iso(ts: float | None) -> str | None:
+    """ISO 8601 UTC with ``Z``, whole seconds."""
+    if ts is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def _seconds(ts: float | None, now: float) -> float | None:
+    return None if ts is None else round(ts - now, 3)
+
+
+def _json_profile(p: ProfileStatus, now: float) -> dict[str, Any]:
+    return {
+        "store": p["store"],
+        "store_kind": p["store_kind"],
+        "agent": p["agent"],
+        "profile": p["profile"] or None,
+        "family": p["family"],
+        "state": p["state"],
+        "expires_at": iso(p["expires_at"]),
+        "expires_in_seconds": _seconds(p["expires_at"], now),
+        "next_refresh_at": iso(p["next_refresh_at"]),
+        "next_refresh_in_seconds": _seconds(p["next_refresh_at"], now),
+        "last_refresh_at": iso(p["last_refresh_at"]),
+        "attempts": p["attempts"],
+        "last_error": p["last_error"],
+        "login_command": p["login_command"] if p["state"] in NEEDS_LOGIN_STATES else None,
+    }
+
+
+def _json_daemon(report: Report) -> dict[str, Any]:
+    d: Mapping[str, Any] = report.daemon or {}
+    started = _num(d.get("started_at"))
+    return {
+        "running": report.running,
+        "pid": report.pid if report.pid and report.pid > 0 else None,
+        "version": _text(d.get("version")),
+        "started_at": iso(started),
+        "uptime_seconds": round(report.now - started, 3) if started and report.running else None,
+        "updated_at": iso(_num(d.get("updated_at"))),
+        "state_dir": str(report.state_dir),
+    }
+
+
+def to_json(report: Report) -> dict[str, Any]:
+    """The ``--json`` document, schema_version 1 (README and tests show an example)."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "generated_at": iso(report.now),
+        "status_version": __version__,
+        "exit_code": report.exit_code,
+        "summary": summary_line(report.profiles, report.now),
+        "source": report.source,
+        "daemon": _json_daemon(report),
+        "profiles": [_json_profile(p, report.now) for p in report.profiles],
+        "stores": [{"store": s["path"], "kind": s["kind"], "error": s["error"]}
+                   for s in report.stores],
+        "families": [
+            {"id": fam, "members": [{"store": p["store"], "profile": p["profile"]}
+                                    for p in members]}
+            for fam, members in families(report.profiles).items()
+        ],
+    }
+
+
+_COLOURS = {"ok": "32", "due": "36", "refreshing": "36", "retrying": "33",
+            "invalid_store": "33", "needs_login": "31;1", "expired": "31;1"}
+_HEADERS = ("STORE", "AGENT", "PROFILE", "STATE", "EXPIRES IN", "NEXT REFRESH", "LAST REFRESH",
+            "LAST ERROR")
+_STATE_COLUMN = 3
+_ERROR_WIDTH = 60
+
+
+def _one_line(text: str | None, width: int = _ERROR_WIDTH) -> str:
+    if not text:
+        return "-"
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def _until(ts: float | None, now: float) -> str:
+    if ts is None:
+        return "-"
+    delta = ts - now
+    return f"expired {format_duration(-delta)} ago" if delta <= 0 else format_duration(delta)
+
+
+def _next(ts: float | None, now: float) -> str:
+    if ts is None:
+        return "-"
+    return "now" if ts <= now else f"in {format_duration(ts - now)}"
+
+
+def _ago(ts: float | None, now: float) -> str:
+    return "-" if ts is None else f"{format_duration(max(0.0, now - ts))} ago"
+
+
+def _cells(p: ProfileStatus, now: float) -> list[str]:
+    return [paths.shorten_home(p["store"]), p["agent"] or "-", p["profile"] or "(whole file)",
+            p["state"], _until(p["expires_at"], now), _next(p["next_refresh_at"], now),
+            _ago(p["last_refresh_at"], now), _one_line(p["last_error"])]
+
+
+def _table(rows: list[list[str]], states: list[str], colour: bool) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for n, row in enumerate(rows):
+        cells = [c.ljust(w) for c, w in zip(row, widths, strict=True)]
+        if colour and n > 0:
+            code = _COLOURS.get(states[n - 1], "0")
+            cells[_STATE_COLUMN] = f"\033[{code}m{cells[_STATE_COLUMN]}\033[0m"
+        lines.append("  ".join(cells).rstrip())
+    return lines
+
+
+def _daemon_line(report: Report) -> str:
+    if not report.running:
+        return (f"daemon: not running (state dir {paths.shorten_home(report.state_dir)}); "
+                f"qwen-refresher {__version__}")
+    d: Mapping[str, Any] = report.daemon or {}
+    parts = [f"daemon: running, pid {report.pid if report.pid and report.pid > 0 else '?'}"]
+    started = _num(d.get("started_at"))
+    if started:
+        parts.append(f"up {format_duration(max(0.0, report.now - started))}")
+    parts.append(f"version {_text(d.get('version')) or '?'}")
+    updated = _num(d.get("updated_at"))
+    if updated:
+        parts.append(f"state published {_ago(updated, report.now)}")
+    return ", ".join(parts)
+
+
+def to_text(report: Report, colour: bool) -> str:
+    """Aligned rows for people, then families, login hints, a summary and the daemon."""
+    now = report.now
+    lines: list[str] = []
+    if report.profiles:
+        rows = [list(_HEADERS)] + [_cells(p, now) for p in report.profiles]
+        lines += _table(rows, [p["state"] for p in report.profiles], colour)
+    for fam, members in families(report.profiles).items():
+        names = ", ".join(f"{p['profile']} ({paths.shorten_home(p['store'])})" for p in members)
+        lines.append(f"family {fam[:8]}: {names} share one refresh token")
+    for p in report.profiles:
+        if p["state"] == "needs_login" and p["login_command"]:
+            lines.append(f"{p['profile']} in {paths.shorten_home(p['store'])} needs a new login: "
+                         f"run `{p['login_command']}`")
+    lines.append(f"summary: {summary_line(report.profiles, now)}")
+    lines.append(_daemon_line(report))
+    return "\n".join(lines) + "\n"
+
+
+# -- command line ----------------------------------------------------------------------------
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``status`` on the CLI's subparsers (an ``argparse._SubParsersAction``)."""
+    parser = subparsers.add_parser(
+        "status",
+        help="show every managed profile and whether the daemon runs",
+        description="Show each managed qwen-portal profile and the daemon. Exit code: 0 all "
+                    "good, 1 degraded, 2 a profile needs a new login or is expired, "
+                    "3 the daemon is not running (most severe wins).",
+    )
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    output.add_argument("--quiet", "-q", action="store_true",
+                        help="print nothing; only the exit code")
+    parser.add_argument("--no-color", action="store_true", help="never colour the output")
+    parser.add_argument("--state-dir", default=None, help="the daemon's state dir")
+    parser.add_argument("--store", action="append", default=None, metavar="PATH",
+                        help="a store file to check (repeatable)")
+    parser.add_argument("--config", default=None, metavar="FILE", help="TOML config file")
+    parser.set_defaults(handler=run)
+
+
+def _want_colour(args: argparse.Namespace, stream: TextIO, env: Mapping[str, str]) -> bool:
+    if getattr(args, "no_color", False) or env.get("NO_COLOR") or env.get("TERM") == "dumb":
+        return False
+    return stream.isatty()
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the status as asked and return the exit code (see the module docstring)."""
+    env = os.environ
+    quiet = bool(getattr(args, "quiet", False))
+    try:
+        settings = resolve_settings(args, env)
+    except SettingsError as exc:
+        if not quiet:
+            print(f"qwen-refresher status: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    report = collect(settings, env, time.time())
+    if quiet:
+        return report.exit_code
+    if getattr(args, "json", False):
+        sys.stdout.write(json.dumps(to_json(report), indent=2) + "\n")
+    else:
+        sys.stdout.write(to_text(report, _want_colour(args, sys.stdout, env)))
+    sys.stdout.flush()
+    return report.exit_code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``status`` on its own (``python -m qwen_refresher.status``); the CLI is ``cli.main``."""
+    parser = argparse.ArgumentParser(prog="qwen-refresher")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["status", *(argv if argv is not None else sys.argv[1:])])
+    return int(args.handler(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,261 @@
+"""What every store adapter offers, and the JSON helpers they share.
+
+An adapter knows one file format and one lock protocol. The engine only ever does
+``lock() -> read() -> render()/write()``; it never looks inside a document.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..errors import StoreMalformed, StoreUnreadable
+from ..fileio import FileRead, atomic_write, read_store_file
+from ..lockfile import FileLock, LockStyle
+from ..models import Credentials, ProfileKey
+
+#: ``expires`` below this many milliseconds (1973-03-03) is almost surely in seconds.
+MIN_PLAUSIBLE_EXPIRES_MS = 100_000_000_000
+#: ...and above this (year 2286) is nonsense too.
+MAX_PLAUSIBLE_EXPIRES_MS = 10_000_000_000_000
+#: Deeper nesting than any real store has; refusing it keeps the parser from recursing away.
+MAX_JSON_DEPTH = 64
+
+
+@dataclass(frozen=True)
+class ProfileRecord:
+    """One qwen-portal profile as read: usable credentials, or the reason it is not usable."""
+
+    key: ProfileKey
+    creds: Credentials | None
+    problem: str | None = None
+
+
+@dataclass(frozen=True)
+class StoreSnapshot:
+    """A store as read at one moment: the bytes, the parsed document, and its qwen profiles."""
+
+    store: Store
+    file: FileRead | None  # None: the file does not exist yet (login creates it)
+    document: dict[str, Any]
+    records: dict[str, ProfileRecord] = field(default_factory=dict)
+
+    @property
+    def raw(self) -> bytes:
+        return self.file.data if self.file is not None else b""
+
+
+class Store(ABC):
+    """One credential file of one format."""
+
+    kind: ClassVar[str]
+    lock_style: ClassVar[LockStyle]
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path).absolute()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.path)!r})"
+
+    # -- identity ---------------------------------------------------------------------------
+    def lock_path(self) -> Path:
+        """Where this format's lock file lives."""
+        return Path(str(self.real_path()) + ".lock")
+
+    def real_path(self) -> Path:
+        """The file behind any in-directory symlink; locks and renames act on it."""
+        from ..fileio import resolve_confined
+
+        return resolve_confined(self.path)
+
+    def describe(self) -> str:
+        """Short human name for logs and status (the path, home as ``~``)."""
+        from ..paths import shorten_home
+
+        return shorten_home(self.path)
+
+    @property
+    def agent(self) -> str | None:
+        """The OpenClaw agent id when the path has OpenClaw's layout, for display."""
+        return None
+
+    @abstractmethod
+    def login_command(self, profile: str) -> str:
+        """The command a person runs to log this profile in again."""
+
+    # -- locking ----------------------------------------------------------------------------
+    def lock(self, *, timeout: float = 40.0, stop: Any = None) -> FileLock:
+        return FileLock(self.lock_path(), self.lock_style, timeout=timeout, stop=stop)
+
+    # -- reading ----------------------------------------------------------------------------
+    def read(self, *, allow_missing: bool = False) -> StoreSnapshot:
+        """Read and parse the file; raise ``StoreError`` naming the file when it is unusable.
+
+        Problems confined to one profile do not raise: they come back in its record, so every
+        other profile in the same file is still served.
+        """
+        try:
+            file = read_store_file(self.path)
+        except StoreUnreadable as exc:
+            if allow_missing and exc.problem == "does not exist":
+                return StoreSnapshot(self, None, self.empty_document())
+            raise
+        document = parse_json_document(self.path, file.data)
+        return StoreSnapshot(self, file, document, self.extract(document))
+
+    def read_settled(self, *, attempts: int = 4, pause: float = 0.05) -> StoreSnapshot:
+        """Read, tolerating a writer caught mid-write.
+
+        OpenClaw truncates and rewrites in place, so an unlocked read can see half a file. A
+        parse failure is reported only when the bytes stop changing across a short pause.
+        """
+        last_error: StoreMalformed | None = None
+        last_bytes: bytes | None = None
+        for _ in range(attempts):
+            try:
+                return self.read()
+            except StoreMalformed as exc:
+                try:
+                    current = read_store_file(self.path).data
+                except StoreUnreadable:
+                    current = None
+                if last_error is not None and current == last_bytes:
+                    raise
+                last_error, last_bytes = exc, current
+                time.sleep(pause)
+        assert last_error is not None
+        raise last_error
+
+    @abstractmethod
+    def empty_document(self) -> dict[str, Any]:
+        """The document a brand-new file starts from."""
+
+    @abstractmethod
+    def extract(self, document: dict[str, Any]) -> dict[str, ProfileRecord]:
+        """Find the qwen-portal profiles in a parsed document."""
+
+    # -- writing ----------------------------------------------------------------------------
+    @abstractmethod
+    def render(self, snapshot: StoreSnapshot, updates: Mapping[str, Credentials]) -> bytes:
+        """The new file contents: ``snapshot`` with ``updates`` applied and nothing else changed."""
+
+    def write(self, snapshot: StoreSnapshot, updates: Mapping[str, Credentials]) -> bytes:
+        """Apply ``updates`` and replace the file atomically; returns the bytes written.
+
+        Mode and owner of an existing file are kept; a new file is 0600 in a 0700 directory.
+        """
+        from ..fileio import ensure_private_dir
+
+        data = self.render(snapshot, updates)
+        if snapshot.file is None:
+            ensure_private_dir(self.path.parent)
+            atomic_write(self.real_path(), data, mode=0o600, user_path=self.path)
+        else:
+            atomic_write(
+                snapshot.file.real_path,
+                data,
+                mode=snapshot.file.mode,
+                owner=(snapshot.file.uid, snapshot.file.gid),
+                user_path=self.path,
+            )
+        return data
+
+
+# -- JSON helpers shared by the adapters --------------------------------------------------------
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(key)
+        result[key] = value
+    return result
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _depth(text: str) -> int:
+    depth = best = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            best = max(best, depth)
+        elif ch in "]}":
+            depth -= 1
+    return best
+
+
+def parse_json_document(path: Path, data: bytes) -> dict[str, Any]:
+    """Strict JSON the way a careful reader wants it: one clear problem or a dict.
+
+    Duplicate keys are refused rather than silently resolved, since whichever copy we kept
+    could be the wrong token; a BOM is refused because OpenClaw's ``JSON.parse`` refuses it.
+    """
+    if not data.strip():
+        raise StoreMalformed(path, "is empty")
+    if data.startswith(b"\xef\xbb\xbf"):
+        raise StoreMalformed(path, "starts with a UTF-8 byte-order mark, which OpenClaw cannot "
+                                   "parse; save it without the BOM")
+    if b"\x00" in data:
+        raise StoreMalformed(path, "contains NUL bytes; it is not a JSON text file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise StoreMalformed(path, f"is not valid UTF-8 (byte {exc.start})") from None
+    if _depth(text) > MAX_JSON_DEPTH:
+        raise StoreMalformed(path, f"nests deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        document = json.loads(text, object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as exc:
+        raise StoreMalformed(path, f"has the key {exc.key!r} twice in one object") from None
+    except json.JSONDecodeError as exc:
+        raise StoreMalformed(
+            path, f"is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from None
+    except RecursionError:
+        raise StoreMalformed(path, "nests too deeply to parse") from None
+    if not isinstance(document, dict):
+        raise StoreMalformed(path, f"holds a JSON {type(document).__name__}, not an object")
+    return document
+
+
+def check_expires_ms(value: object, field_name: str) -> tuple[int | None, str | None]:
+    """Validate an expiry in epoch milliseconds; returns (value, problem)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        kind = "missing" if value is None else f"a {type(value).__name__}"
+        return None, f"{field_name} is {kind}, expected milliseconds since the epoch"
+    if value != value or value in (float("inf"), float("-inf")):
+        return None, f"{field_name} is not a finite number"
+    if value < 0:
+        return None, f"{field_name} is negative"
+    if value < MIN_PLAUSIBLE_EXPIRES_MS:
+        return None, (f"{field_name} looks like seconds, not milliseconds "
+                      f"({int(value)} is in {time.gmtime(value).tm_year} as seconds)")
+    if value > MAX_PLAUSIBLE_EXPIRES_MS:
+        return None, f"{field_name} is too far in the future to be milliseconds since the epoch"
+    return int(value), None
+
+
+def render_json(document: dict[str, Any]) -> bytes:
+    """Serialize as ``JSON.stringify(doc, null, 2) + "\\n"``, the layout OpenClaw writes."""
+    return (json.dumps(document, indent=2, ensure_ascii=False) + "\n").encode("utf-8")

@@ -1,0 +1,131 @@
+"""Directory watches that turn file-system noise into "store X may have changed".
+
+Files are never watched directly (a replaced file's watch goes silent); their directories are.
+Events for our own temp files and lock files are dropped here, so the daemon only hears about
+paths it might care about. inotify is used where it works; on network file systems (where
+changes made by other hosts never raise inotify events) and where inotify cannot start, a
+polling observer takes over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+from watchdog.observers.polling import PollingObserver
+
+NETWORK_FS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "fuse.sshfs", "9p", "afs",
+                        "ceph", "glusterfs", "fuse.glusterfs", "lustre", "davfs"})
+
+
+def filesystem_type(path: Path) -> str | None:
+    """The type of the mount holding ``path``, from /proc/self/mounts (Linux only)."""
+    try:
+        lines = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    best, best_type = "", None
+    target = str(path.resolve())
+    for line in lines:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        mount = parts[1].replace("\\040", " ")
+        if (target == mount or target.startswith(mount.rstrip("/") + "/")) and \
+                len(mount) > len(best):
+            best, best_type = mount, parts[2]
+    return best_type
+
+
+def _relevant(path: str) -> bool:
+    name = os.path.basename(path)
+    return not (name.endswith((".tmp", ".lock")) or name.startswith(".#"))
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, callback: Callable[[Path], None]) -> None:
+        self._callback = callback
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type in ("opened", "closed_no_write"):
+            return
+        for raw in (event.src_path, getattr(event, "dest_path", "")):
+            path = os.fsdecode(raw) if raw else ""
+            if path and _relevant(path):
+                self._callback(Path(path))
+
+
+class DirectoryWatcher:
+    """Keeps one non-recursive watch per directory; ``watch()`` re-arms to a new set."""
+
+    def __init__(self, callback: Callable[[Path], None], *, force_polling: bool = False,
+                 poll_interval: float = 2.0) -> None:
+        self._callback = callback
+        self._force_polling = force_polling
+        self._poll_interval = poll_interval
+        self._native: Any = None
+        self._polling: Any = None
+        self._watches: dict[Path, Any] = {}
+        self.mode: dict[Path, str] = {}
+
+    def _observer(self, directory: Path) -> Any:
+        poll = self._force_polling or filesystem_type(directory) in NETWORK_FS
+        if not poll:
+            if self._native is None:
+                try:
+                    native = Observer()
+                    native.start()
+                    self._native = native
+                except OSError:
+                    self._force_polling = True
+                    poll = True
+        if poll or self._native is None:
+            if self._polling is None:
+                self._polling = PollingObserver(timeout=self._poll_interval)
+                self._polling.start()
+            return self._polling
+        return self._native
+
+    def watch(self, directories: Iterable[Path]) -> None:
+        wanted = {Path(d) for d in directories}
+        for directory in list(self._watches):
+            if directory not in wanted:
+                observer, watch = self._watches.pop(directory)
+                with contextlib.suppress(KeyError, OSError):
+                    observer.unschedule(watch)
+                self.mode.pop(directory, None)
+        for directory in wanted - set(self._watches):
+            if not directory.is_dir():
+                continue
+            observer = self._observer(directory)
+            try:
+                watch = observer.schedule(_Handler(self._callback), str(directory),
+                                          recursive=False)
+            except OSError:
+                # inotify watch limit reached, or similar: poll this one instead.
+                if observer is self._polling:
+                    continue
+                self._force_polling = True
+                observer = self._observer(directory)
+                try:
+                    watch = observer.schedule(_Handler(self._callback), str(directory),
+                                              recursive=False)
+                except OSError:
+                    continue
+            self._watches[directory] = (observer, watch)
+            self.mode[directory] = "polling" if observer is self._polling else "inotify"
+
+    def stop(self) -> None:
+        for observer in (self._native, self._polling):
+            if observer is not None:
+                observer.stop()
+        for observer in (self._native, self._polling):
+            if observer is not None:
+                with contextlib.suppress(RuntimeError):
+                    observer.join(timeout=2)
+        self._watches.clear()

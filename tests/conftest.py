@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from qwen_refresher.testing.fake_qwen import FakeQwen, FakeQwenConfig
+from tests.harness import OpenClawHome
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--long", action="store_true", default=False,
+                     help="run the long reliability versions (500 kills, 200 profiles...)")
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeQwen]:
+    with FakeQwen(FakeQwenConfig(lifetime=3600)) as server:
+        yield server
+
+
+@pytest.fixture
+def oc(tmp_path: Path) -> OpenClawHome:
+    return OpenClawHome(tmp_path)

