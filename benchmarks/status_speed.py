@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from qwen_refresher.state import DaemonLock, PublishedState, write_state
+from qwen_refresher.state import DaemonLock, PublishedState, StoreStatus, write_state
 
 PROFILES = (("main", "qwen-portal:default"), ("main", "qwen-portal:qwen-cli"),
             ("work", "qwen-portal:default"))
@@ -79,8 +79,9 @@ def build_home(root: Path) -> tuple[dict[str, str], Path]:
         "daemon": {"pid": os.getpid(), "version": "bench", "started_at": now - 3600,
                    "updated_at": now, "next_sweep_at": now + 300},
         "profiles": rows,  # type: ignore[typeddict-item]
-        "stores": [{"path": str(p), "kind": "openclaw", "error": None} for p in stores.values()]
-        + [{"path": str(qwen), "kind": "qwen-code", "error": None}],
+        "stores": [StoreStatus(path=str(p), kind="openclaw", error=None)
+                   for p in stores.values()]
+        + [StoreStatus(path=str(qwen), kind="qwen-code", error=None)],
         "consumed": [],
     }
     time.sleep(0.01)  # the state is published after the stores were last written

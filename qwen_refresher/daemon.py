@@ -394,14 +394,19 @@ class Daemon:
         family = Family(job_id, head, keys, creds, issued, planned, lagging)
         rejection = self.history.rejection(head)
         retry_at = max((self.runtime[k].retry_at or 0.0) for k in keys) or None
+        run_at: float | None
         if rejection is not None:
             run_at = None
         elif lagging:
+            # Members behind the newest tokens are healed at once, unless a writer keeps
+            # reverting them (then back off) or the last write failed (then wait the retry).
             revert = self.reverts[head]
             run_at = now
             if revert.count > REVERT_FREE_RETRIES:
                 run_at = max(now, revert.last + min(2.0 ** (revert.count - REVERT_FREE_RETRIES),
                                                     300.0))
+            if retry_at is not None:
+                run_at = max(run_at, retry_at)
         elif retry_at is not None:
             run_at = retry_at
         else:
@@ -459,8 +464,9 @@ class Daemon:
                 return None
             members = [Member(self.views[k].store, k.profile) for k in family.keys
                        if k in self.views]
-            retrying = any(self.runtime[k].retry_at is not None for k in family.keys)
-            due_at = time.time() if retrying else family.planned
+            # A retry after a failed refresh finds the token still due (planned is in the past);
+            # a retry after a failed write finds the new token not due and only writes.
+            due_at = family.planned
             for key in family.keys:
                 if time.time() >= due_at:
                     self.runtime[key].state = "refreshing"

@@ -103,8 +103,7 @@ class Engine:
                 try:
                     lock = store.lock(timeout=self.lock_timeout, stop=self.stop)
                 except StoreError as exc:
-                    outcome = Outcome("unavailable", reason=str(exc))
-                    return outcome
+                    return Outcome("unavailable", reason=str(exc))
                 try:
                     lock.acquire()
                 except LockTimeout as exc:
@@ -199,9 +198,13 @@ class Engine:
             outcome.reapplied = [m.key for m in lagging
                                  if self.history.is_superseded(self.fp(current[m]))]
             outcome.result = "synced"
-            if any(m.key in outcome.errors for m in lagging):
-                outcome.result = "write_failed"
+            failed = [outcome.errors[m.key] for m in lagging if m.key in outcome.errors]
+            if failed:
+                outcome.result, outcome.reason = "write_failed", failed[0]
                 return outcome
+            if not outcome.errors and self.history.credentials(best_fp) is best:
+                with contextlib.suppress(OSError, StoreError):
+                    self.journal.settle(best_fp)
 
         if self.clock() < due_at:
             return outcome

@@ -12,7 +12,7 @@ carry only what the server said after redaction.
     QwenRefresherError                 exit 1
     ├── ConfigError                    exit 78 (EX_CONFIG): a bad setting, named
     ├── StoreError                     a store file we cannot use; names the file
-    │   ├── StoreUnreadable            missing, permission denied, not a regular file, symlink escape
+    │   ├── StoreUnreadable            missing, no permission, not a regular file, symlink escape
     │   ├── StoreMalformed             not JSON, wrong shape, wrong field types
     │   └── StoreWriteError            the rotated tokens could not be written (they are journaled)
     ├── LockTimeout                    someone else's live lock held past our patience

@@ -113,7 +113,7 @@ class HealthServer:
         """Bind (raises OSError if the address is taken) and serve on a daemon thread."""
         self._server = _Server((self.host, self._port), self)
         self._thread = threading.Thread(target=self._server.serve_forever,
-                                        kwargs={"poll_interval": 0.2},
+                                        kwargs={"poll_interval": 0.1},
                                         name="qwen-refresher-http", daemon=True)
         self._thread.start()
 

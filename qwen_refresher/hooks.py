@@ -9,6 +9,7 @@ group) at the timeout, and a failing hook is logged, never fatal: the rotation a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -78,10 +79,8 @@ def run_hook(
         out, _ = proc.communicate(timeout=timeout)
         timed_out = False
     except subprocess.TimeoutExpired:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         out, _ = proc.communicate()
         timed_out = True
     output = _tail(out or "")

@@ -26,7 +26,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -106,7 +106,7 @@ def check_profile_slot(store: Store, document: dict[str, Any], profile: str) -> 
 
 
 def write_login(
-    targets: list[tuple[Store, str]],
+    targets: Sequence[tuple[Store, str]],
     creds: Credentials,
     *,
     lock_timeout: float,
@@ -313,7 +313,7 @@ class AssistedLogin:
 
     def start(
         self,
-        targets: list[tuple[Store, str]],
+        targets: Sequence[tuple[Store, str]],
         family_id: str,
         on_code: Callable[[DeviceAuthorization], None],
         *,
@@ -402,7 +402,7 @@ class AssistedLogin:
             if written:
                 result = run_on_rotate(s, written, creds)
                 if result is not None and result.ok:
-                    log.info("on_rotate_ok", command=result.command, event="login")
+                    log.info("on_rotate_ok", command=result.command, trigger="login")
                 elif result is not None:
                     log.warning("on_rotate_failed", command=result.command,
                                 returncode=result.returncode, timed_out=result.timed_out,

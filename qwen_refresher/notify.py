@@ -435,14 +435,14 @@ class Notifier:
 
     def _deliver(self, notice: Notice) -> None:
         title, body = notice.title(), notice.body()
-        self.log.info("notify", event=notice.event, store=notice.store, profile=notice.profile,
+        self.log.info("notify", notice=notice.event, store=notice.store, profile=notice.profile,
                       login_link=notice.code is not None)
         for channel, send in (("hook", self._run_hook), ("apprise", self._send_apprise),
                               ("desktop", self._send_desktop)):
             try:
                 send(notice, title, body)
             except Exception as exc:  # a channel failing must not stop the others
-                self.log.warning("notify_failed", channel=channel, event=notice.event,
+                self.log.warning("notify_failed", channel=channel, notice=notice.event,
                                  error=f"{type(exc).__name__}: {exc}")
 
     def _run_hook(self, notice: Notice, title: str, body: str) -> None:
@@ -451,9 +451,9 @@ class Notifier:
             return
         result = run_hook(command, notice.variables(), timeout=self.settings.hook_timeout)
         if result.ok:
-            self.log.info("on_needs_login_ok", event=notice.event, command=command)
+            self.log.info("on_needs_login_ok", notice=notice.event, command=command)
         else:
-            self.log.warning("on_needs_login_failed", event=notice.event, command=command,
+            self.log.warning("on_needs_login_failed", notice=notice.event, command=command,
                              returncode=result.returncode, timed_out=result.timed_out,
                              output=result.output)
 
@@ -465,10 +465,10 @@ class Notifier:
         kind = apprise.NotifyType.SUCCESS if notice.event == "recovered" else \
             apprise.NotifyType.WARNING
         if self._apprise.notify(body=body, title=title, notify_type=kind):
-            self.log.info("notify_sent", channel="apprise", event=notice.event,
+            self.log.info("notify_sent", channel="apprise", notice=notice.event,
                           targets=len(self._apprise))
         else:
-            self.log.warning("notify_failed", channel="apprise", event=notice.event,
+            self.log.warning("notify_failed", channel="apprise", notice=notice.event,
                              error="at least one notify URL did not accept the message")
 
     def _send_desktop(self, notice: Notice, title: str, body: str) -> None:
@@ -480,7 +480,7 @@ class Notifier:
             stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace",
             timeout=DESKTOP_TIMEOUT, check=False)
         if proc.returncode != 0:
-            self.log.warning("notify_failed", channel="desktop", event=notice.event,
+            self.log.warning("notify_failed", channel="desktop", notice=notice.event,
                              error=(proc.stderr or proc.stdout).strip()[-200:]
                              or f"exit code {proc.returncode}")
 

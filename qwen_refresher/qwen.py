@@ -392,8 +392,6 @@ class QwenOAuthClient:
         cap = max(MAX_POLL_INTERVAL, interval)
         while True:
             remaining = auth.deadline - time.monotonic()
-            if stop is not None and stop.is_set():
-                raise errors.DeviceFlowError("cancelled")
             if remaining <= 0:
                 raise errors.DeviceFlowError("the login code expired before it was approved")
             pause(min(interval, remaining))

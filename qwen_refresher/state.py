@@ -135,7 +135,9 @@ def read_journal(state_dir: Path) -> list[JournalEntry]:
     except (OSError, ValueError):
         return []
     entries = doc.get("entries") if isinstance(doc, dict) else None
-    return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+    if not isinstance(entries, list):
+        return []
+    return [e for e in entries if isinstance(e, dict)]  # type: ignore[misc]  # checked on use
 
 
 def write_journal(state_dir: Path, entries: list[JournalEntry]) -> None:

@@ -459,6 +459,18 @@ class Report:
         return exit_code(self.profiles, self.running, self.stores)
 
 
+def _broken_store_rows(stores: Sequence[StoreStatus],
+                       profiles: Sequence[ProfileStatus]) -> list[ProfileStatus]:
+    """A row for each unusable store the daemon reported without any profile in it, so that
+    the table shows why the exit code says degraded."""
+    shown = {p["store"] for p in profiles}
+    return [{"store": s["path"], "store_kind": s["kind"], "agent": None,
+             "profile": WHOLE_STORE, "family": None, "state": "invalid_store",
+             "expires_at": None, "next_refresh_at": None, "last_refresh_at": None,
+             "attempts": 0, "last_error": s["error"], "login_command": None}
+            for s in stores if s["error"] and s["path"] not in shown]
+
+
 def collect(settings: StatusSettings, env: Mapping[str, str], now: float) -> Report:
     """The daemon's published view while it runs, else our own reading of the stores."""
     pid = daemon_pid(settings.state_dir)
@@ -466,10 +478,12 @@ def collect(settings: StatusSettings, env: Mapping[str, str], now: float) -> Rep
     if pid is not None and published is not None and _published_by(published, pid):
         profiles = published_profiles(published)
         refresh_expiries(profiles, now, settings.margin, published_at)
+        stores = published_stores(published)
+        profiles += _broken_store_rows(stores, profiles)
         daemon = published["daemon"]
         shown_pid = daemon.get("pid") if pid <= 0 else pid
         return Report(now, settings.state_dir, shown_pid if isinstance(shown_pid, int) else -1,
-                      daemon, profiles, published_stores(published), "daemon")
+                      daemon, profiles, stores, "daemon")
     profiles, statuses = collect_from_stores(managed_stores(settings, env), now, settings.margin,
                                              published)
     last = published["daemon"] if published is not None and pid is not None else None

@@ -75,15 +75,14 @@ class DirectoryWatcher:
 
     def _observer(self, directory: Path) -> Any:
         poll = self._force_polling or filesystem_type(directory) in NETWORK_FS
-        if not poll:
-            if self._native is None:
-                try:
-                    native = Observer()
-                    native.start()
-                    self._native = native
-                except OSError:
-                    self._force_polling = True
-                    poll = True
+        if not poll and self._native is None:
+            try:
+                native = Observer()
+                native.start()
+                self._native = native
+            except OSError:
+                self._force_polling = True
+                poll = True
         if poll or self._native is None:
             if self._polling is None:
                 self._polling = PollingObserver(timeout=self._poll_interval)

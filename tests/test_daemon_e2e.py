@@ -262,3 +262,55 @@ def test_bad_toml_names_the_file(oc: OpenClawHome, tmp_path: Path) -> None:
                           timeout=30)
     assert proc.returncode == 78
     assert str(config) in proc.stderr and "TOML" in proc.stderr
+
+
+def _chattr(flag: str, path: Path) -> bool:
+    return subprocess.run(["chattr", flag, str(path)], capture_output=True).returncode == 0
+
+
+def test_an_unwritable_store_keeps_the_rotation_in_the_journal(
+        oc: OpenClawHome, fake: FakeQwen) -> None:
+    path, _ = seed(oc, fake, lifetime=4)
+    if not _chattr("+i", path):
+        pytest.skip("chattr +i is not available here (needs root on ext4/xfs/btrfs)")
+    try:
+        with DaemonProcess(oc, fake, margin="3") as daemon:
+            daemon.wait_event("write_failed", timeout=15)
+            journal = oc.our_state / "journal.json"
+            assert journal.exists() and (journal.stat().st_mode & 0o777) == 0o600
+            rotated = [t for t in fake.issued if t.via == "refresh"]
+            assert len(rotated) == 1
+            assert rotated[0].refresh_token in journal.read_text()
+            time.sleep(2)
+            assert len(fake.refresh_requests()) == 1, "the write is retried, not the refresh"
+            _chattr("-i", path)
+            wait_for(lambda: current_refresh(path) == rotated[0].refresh_token, 20,
+                     "the journaled tokens written once the store is writable", daemon)
+            wait_for(lambda: not journal.exists(), 5, "the journal emptied", daemon)
+        assert len(fake.refresh_requests()) == 1
+        assert fake.reuse_count == 0
+        assert_no_secrets([daemon.output], all_tokens(fake))
+    finally:
+        _chattr("-i", path)
+
+
+def test_a_crash_after_the_answer_is_recovered_from_the_journal(
+        oc: OpenClawHome, fake: FakeQwen) -> None:
+    """kill -9 while the store is unwritable: the restarted daemon finds the tokens."""
+    path, _ = seed(oc, fake, lifetime=4)
+    if not _chattr("+i", path):
+        pytest.skip("chattr +i is not available here")
+    try:
+        daemon = DaemonProcess(oc, fake, margin="3")
+        daemon.wait_event("write_failed", timeout=15)
+        daemon.signal(signal.SIGKILL)
+        daemon.stop()
+        _chattr("-i", path)
+        rotated = [t for t in fake.issued if t.via == "refresh"][0]
+        with DaemonProcess(oc, fake, margin="3") as second:
+            second.wait_event("journal_replay")
+            wait_for(lambda: current_refresh(path) == rotated.refresh_token, 10,
+                     "journaled tokens written by the next run", second)
+        assert fake.reuse_count == 0
+    finally:
+        _chattr("-i", path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import os
 import re
@@ -250,7 +251,7 @@ def test_write_login_never_grafts_tokens_onto_another_provider(
     path, _, _ = seed(oc, fake)
     before = path.read_bytes()
     for profile in ("anthropic:default", "something-else"):
-        with pytest.raises(StoreError, match="refusing|must be named"):
+        with pytest.raises(StoreError, match=r"refusing|must be named"):
             write_login([(OpenClawStore(path), profile)], creds(fake), lock_timeout=1)
     assert path.read_bytes() == before
 
@@ -342,12 +343,15 @@ def test_login_full_flow_pending_slow_down_success(
     # Two slow_downs: every later poll waits 0.05 * 1.5 * 1.5 s, not the 0.05 s interval.
     times = [r.monotonic for r in fake.requests if r.endpoint == "token"]
     after = times[polls.index("fault:slow_down") + 1:]
-    assert min(b - a for a, b in zip(after, after[1:], strict=False)) >= 0.1
+    assert min(b - a for a, b in itertools.pairwise(after)) >= 0.1
     issued = fake.issued[-1]
     assert issued.via == "device"
+    written = json.loads(path.read_bytes())
+    expires = written["profiles"]["qwen-portal:default"]["expires"]
+    assert abs(expires - issued.expires_ms) < 2000, "expires is epoch milliseconds"
     doc["profiles"]["qwen-portal:default"].update(
-        access=issued.access_token, refresh=issued.refresh_token, expires=issued.expires_ms)
-    assert path.read_bytes() == openclaw_json(doc)
+        access=issued.access_token, refresh=issued.refresh_token, expires=expires)
+    assert path.read_bytes() == openclaw_json(doc), "only the three token fields changed"
     url_line = next(line for line in captured.out.splitlines() if "user_code=" in line)
     assert url_line.strip().startswith(fake.base_url + "/authorize?user_code=")
     assert "enter the code" in captured.out
@@ -447,10 +451,12 @@ def test_login_fails_clearly_and_writes_nothing(
 def test_login_refuses_to_overwrite_another_providers_profile(
         env: OpenClawHome, quick: FakeQwen) -> None:
     path, _, _ = seed(env, quick)
+    before = path.read_bytes()
     with pytest.raises(StoreError, match="refusing"):
         login.run(args(profile="anthropic:default", token_url=quick.token_url,
                        device_code_url=quick.device_code_url))
     assert outcomes(quick, "device_code") == [], "refused before asking for a code"
+    assert path.read_bytes() == before
 
 
 # --------------------------------------------------------------------------- the CLI

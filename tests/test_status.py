@@ -25,12 +25,29 @@ import pytest
 from qwen_refresher import state as state_mod
 from qwen_refresher import status
 from qwen_refresher.state import DaemonLock, ProfileStatus, PublishedState, write_state
-from tests.harness import ROOT, OpenClawHome, assert_no_secrets, qwen_profile
+from qwen_refresher.testing.fake_qwen import FakeQwen
+from tests.harness import (
+    ROOT,
+    DaemonProcess,
+    OpenClawHome,
+    assert_no_secrets,
+    qwen_profile,
+    wait_for,
+)
 
 HOUR = 3600.0
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
-HEAVY = ("pydantic", "pydantic_settings", "structlog", "httpx", "apscheduler", "watchdog",
-         "prometheus_client", "qwen_refresher.config", "tenacity")
+HEAVY_PACKAGES = ("pydantic", "pydantic_settings", "structlog", "httpx", "apscheduler",
+                  "watchdog", "prometheus_client", "tenacity")
+HEAVY_MODULES = ("qwen_refresher.config", "qwen_refresher.daemon", "qwen_refresher.engine")
+
+
+def imports_after(argv: list[str], also: tuple[str, ...] = ()) -> str:
+    """Python code that runs the CLI, then prints (to stderr) the heavy modules it loaded."""
+    return ("import sys\nfrom qwen_refresher.cli import main\nrc = main(" + repr(argv) + ")\n"
+            f"heavy = sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY_PACKAGES!r} "
+            f"or m in {HEAVY_MODULES + also!r})\n"
+            "print(rc, heavy, file=sys.stderr)\n")
 
 
 class Env:
@@ -153,7 +170,7 @@ def test_not_running_reads_the_stores_itself(env: Env) -> None:
     by_store = {(Path(p["store"]).parts[-3], p["profile"]): p["state"] for p in doc["profiles"]}
     assert by_store == {("main", "qwen-portal:default"): "ok",
                         ("work", "qwen-portal:default"): "due",
-                        (".qwen", "qwen-code"): "ok"}
+                        ("home", "qwen-code"): "ok"}
     text = env.run()
     assert text.returncode == 3
     assert "daemon: not running" in text.stdout
@@ -198,7 +215,7 @@ def test_profile_with_a_problem_is_invalid_store(env: Env) -> None:
     env.oc.write_store({"version": 1, "profiles": {"qwen-portal:default": {
         "type": "oauth", "provider": "qwen-portal", "access": access, "expires": 1}}})
     code, doc = env.json()
-    assert states(doc) == {"qwen-portal:default": "invalid_store"}
+    assert code == 3 and states(doc) == {"qwen-portal:default": "invalid_store"}
     assert "refresh is missing" in doc["profiles"][0]["last_error"]
 
 
@@ -221,6 +238,7 @@ def test_store_known_only_to_the_last_daemon_is_still_checked(env: Env) -> None:
         *env.tokens(), int((time.time() + HOUR) * 1000))}}, path=env.oc.root / "custom.json")
     env.publish([env.row(elsewhere, profile="qwen-portal:x")], pid=999_999)
     code, doc = env.json()
+    assert code == 3
     assert [(p["store"], p["state"]) for p in doc["profiles"]] == [(str(elsewhere), "ok")]
 
 
@@ -287,6 +305,21 @@ def test_exit_code_for_each_published_state(env: Env, state: str, expected: int)
     assert env.run("--quiet").returncode == expected
 
 
+def test_running_with_a_broken_store_shows_it(env: Env) -> None:
+    good = env.openclaw(6 * HOUR)
+    broken = str(env.oc.store_path("broken"))
+    env.hold_lock()
+    env.publish([env.row(good)], stores=[
+        {"path": str(good), "kind": "openclaw", "error": None},
+        {"path": broken, "kind": "openclaw", "error": "is not valid JSON: Expecting value"}])
+    code, doc = env.json()
+    assert code == 1
+    assert [(p["store"], p["profile"], p["state"]) for p in doc["profiles"]] == [
+        (str(good), "qwen-portal:default", "ok"), (broken, None, "invalid_store")]
+    text = env.run().stdout
+    assert "(whole file)" in text and "is not valid JSON" in text
+
+
 def test_running_with_no_profile_is_degraded(env: Env) -> None:
     env.hold_lock()
     env.publish([])
@@ -335,28 +368,24 @@ def test_garbage_state_file_does_not_crash_status(env: Env) -> None:
 
 def test_fast_path_imports_nothing_heavy(env: Env) -> None:
     """Health checks run status every few seconds: no pydantic & co., and with a daemon that
-    has published since the stores changed, not even the store adapters."""
+    has published since the stores changed, not even the store adapters or typing."""
     store = env.openclaw(6 * HOUR)
     env.hold_lock()
     env.publish([env.row(store)])
-    code = ("import sys; from qwen_refresher.cli import main; rc = main(['status', '--quiet']);"
-            "print(rc, sorted(m for m in sys.modules if m.split('.')[0] in "
-            f"{[h.split('.')[0] for h in HEAVY]!r} or m in {HEAVY!r} or "
-            "m in ('qwen_refresher.stores', 'typing', 'dataclasses')))")
+    code = imports_after(["status", "--quiet"],
+                         also=("qwen_refresher.stores", "typing", "dataclasses"))
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env.env(),
                           capture_output=True, text=True, timeout=30)
-    assert proc.stdout.strip() == "0 []", proc.stdout + proc.stderr
+    assert proc.stderr.strip() == "0 []", proc.stderr
 
 
 def test_slow_path_imports_nothing_heavy_either(env: Env) -> None:
     env.openclaw(6 * HOUR)
-    code = ("import sys; from qwen_refresher.cli import main; rc = main(['status', '--json']);"
-            f"print(sorted(m for m in sys.modules if m in {HEAVY!r} or m.split('.')[0] in "
-            f"{[h.split('.')[0] for h in HEAVY]!r}), file=sys.stderr)")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env.env(),
-                          capture_output=True, text=True, timeout=30)
-    assert proc.stderr.strip() == "[]", proc.stderr
+    proc = subprocess.run([sys.executable, "-c", imports_after(["status", "--json"])],
+                          cwd=ROOT, env=env.env(), capture_output=True, text=True, timeout=30)
+    assert proc.stderr.strip() == "3 []", proc.stderr
     assert json.loads(proc.stdout)["profiles"][0]["state"] == "ok"
+    assert_no_secrets([proc.stdout], env.secrets)
 
 
 # -- settings ---------------------------------------------------------------------------------
@@ -370,6 +399,7 @@ def test_settings_from_env_file_and_flags(env: Env) -> None:
     config.write_text(f'stores = ["{custom}"]\ndiscover = false\nmargin = "2h"\n'
                       'listen = "127.0.0.1:1"\n')  # keys status does not need are ignored
     code, doc = env.json("--config", str(config))
+    assert code == 3
     assert [(p["profile"], p["state"]) for p in doc["profiles"]] == [("qwen-portal:c", "due")]
     # env beats the file
     _, doc = env.json(env=env.env(QWEN_REFRESHER_CONFIG=str(config),
@@ -540,3 +570,28 @@ def test_lock_and_state_reading_agree_with_state_module(env: Env) -> None:
     env.lock.release()  # type: ignore[union-attr]
     env.lock = None
     assert status.daemon_pid(env.state_dir) is None is state_mod.daemon_pid(env.state_dir)
+
+
+# -- against the real daemon ------------------------------------------------------------------
+
+
+def test_against_the_real_daemon(env: Env, fake: FakeQwen) -> None:
+    """The contract end to end: what the daemon publishes is what status reads; when the daemon
+    stops, status notices through the flock and falls back to the stores."""
+    access, refresh, _ = fake.issue_tokens(lifetime=6 * HOUR)
+    env.secrets += [access, refresh]
+    env.oc.write_store({"version": 1, "profiles": {"qwen-portal:default": qwen_profile(
+        access, refresh, int((time.time() + 6 * HOUR) * 1000))}})
+    with DaemonProcess(env.oc, fake, env=env.oc.env(), margin="900") as daemon:
+        wait_for(lambda: (env.state_dir / "state.json").exists(), 20, "a published state",
+                 daemon)
+        code, doc = env.json()
+        assert code == 0, doc
+        assert doc["source"] == "daemon" and doc["daemon"]["pid"] == daemon.proc.pid
+        (p,) = doc["profiles"]
+        assert p["state"] == "ok" and p["next_refresh_in_seconds"] > 5 * HOUR
+        assert daemon.stop() == 0
+    code, doc = env.json()
+    assert code == 3 and doc["daemon"]["running"] is False
+    assert states(doc) == {"qwen-portal:default": "ok"}
+    assert doc["profiles"][0]["family"] is not None  # remembered from the last publish

@@ -70,7 +70,8 @@ def install(timeout: float = 900.0) -> Install | str:
                 "QWEN_INTEROP_INSTALL=0; run scripts/install-openclaw.sh")
     try:
         done = subprocess.run(["bash", str(INSTALL_SCRIPT)], capture_output=True, text=True,
-                              timeout=timeout, env={**os.environ, "OPENCLAW_INTEROP_DIR": str(root)})
+                              timeout=timeout,
+                              env={**os.environ, "OPENCLAW_INTEROP_DIR": str(root)})
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"scripts/install-openclaw.sh could not install OpenClaw {OPENCLAW_VERSION}: {exc}"
     found = _installed(root)

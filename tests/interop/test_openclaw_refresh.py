@@ -73,7 +73,6 @@ def test_openclaw_locks_itself_out_and_the_daemon_asks_for_one_login(
         seen = len(fake.refresh_requests())
         daemon_tries = [r for r in fake.refresh_requests() if r.user_agent != OPENCLAW_USER_AGENT]
         assert [(r.refresh_token, r.outcome) for r in daemon_tries] == [(dead, "reused")]
-        wait_for(lambda: False if len(fake.refresh_requests()) > seen else None is None, 0, "")
 
         # `qwen-refresher login` (device code; the fake approves at the first poll).
         fake.configure(auto_approve_after=0, device_interval=0.2)
@@ -111,10 +110,11 @@ def test_auto_login_restores_the_family_openclaw_spent(
                  == device.refresh_token, 15, "the login's tokens in the store", daemon)
         wait_for(lambda: status_row(refresher_status(oc, fake)[0], oc, openclaw.store_path,
                                     DEFAULT_PROFILE)["state"] == "ok", 15, "state ok", daemon)
-        status, status_text = refresher_status(oc, fake)
+        _, status_text = refresher_status(oc, fake)
     daemon_tries = [r for r in fake.refresh_requests() if r.user_agent != OPENCLAW_USER_AGENT]
     assert [(r.refresh_token, r.outcome) for r in daemon_tries] == [(dead, "reused")]
     on_disk = oc.read_store()["profiles"][DEFAULT_PROFILE]
     assert on_disk["access"] == device.access_token
-    assert on_disk["expires"] == device.expires_ms
+    # Clients compute the expiry from their own clock: within a second of the server's.
+    assert abs(on_disk["expires"] - device.expires_ms) < 1000
     assert_no_secrets([daemon.output, status_text], all_tokens(fake))

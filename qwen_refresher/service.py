@@ -1,0 +1,707 @@
+"""``install-service`` / ``uninstall-service``: run the refresher as a systemd **user** service.
+
+Why a user unit: the stores the refresher rewrites (``~/.openclaw/agents/*/agent/
+auth-profiles.json``, ``~/.qwen/oauth_creds.json``) belong to the user who runs OpenClaw, and so
+does the gateway it reloads with ``openclaw secrets reload``. A user unit runs as that user
+without root, and ``loginctl enable-linger`` keeps it running without a login session.
+
+The unit text has one source, ``render_unit`` below; ``systemd/qwen-refresher.service`` in the
+repository is ``shipped_unit()`` (a test keeps the two equal), so the file people read, the
+file ``systemd-analyze security`` scores and the file the installer writes cannot drift apart.
+The installer fills in what only the installing machine knows: the absolute path of the
+executable, the resolved OpenClaw and Qwen Code directories, a ``PATH`` that finds
+``openclaw`` and ``node`` for the ``on_rotate`` hook, and whether the sandbox can be used.
+
+Sandbox decisions, each one checked here rather than assumed:
+
+- Filesystem namespacing (``ProtectSystem=strict`` + ``ReadWritePaths=``, ``PrivateTmp=``,
+  ``PrivateDevices=`` ...) works in a *user* manager only with ``PrivateUsers=yes``, i.e. an
+  unprivileged user namespace. Ubuntu 23.10+ restricts those through AppArmor
+  (``kernel.apparmor_restrict_unprivileged_userns=1``) and the unit would then fail to start
+  with ``226/NAMESPACE``. ``--sandbox auto`` asks the user manager itself (a throw-away
+  ``systemd-run --user`` with the same settings) and falls back to the seccomp-only ``basic``
+  sandbox when the answer is no.
+- ``MemoryDenyWriteExecute=`` is left off: it is inherited by the ``on_rotate`` hook, and the
+  default hook is OpenClaw's CLI, a Node.js program. Under a seccomp filter equal to systemd's,
+  V8 aborts at its first JIT compilation, and ``node --jitless`` dies too because undici's HTTP
+  parser needs WebAssembly. The refresher itself (CPython, pydantic-core, watchdog) runs fine
+  under it; users whose hook is not Node can turn it on in a drop-in.
+- ``ProtectProc=``, ``ProcSubset=``, ``ProtectControlGroups=`` and ``RemoveIPC=`` are system-only
+  settings (systemd.exec(5)); a user unit gains nothing from them, so they are not listed to
+  flatter the exposure score.
+- ``StateDirectory=`` is not used: before systemd 254 a user unit's state directory is
+  ``$XDG_CONFIG_HOME``, not ``~/.local/state``; the installer creates our state dir (0700) and
+  lists it in ``ReadWritePaths=`` instead.
+
+Stdlib only, imported only when one of the two commands runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from . import paths
+from .errors import ServiceError
+
+UNIT_NAME = "qwen-refresher.service"
+#: First line of every unit we write; a unit without it is someone else's and is not touched.
+MARKER = "# Written by qwen-refresher install-service"
+#: OpenClaw's own user unit (``openclaw gateway install``); we start after it when both exist.
+GATEWAY_UNIT = "openclaw-gateway.service"
+SYSTEMCTL_TIMEOUT = 60.0
+PROBE_TIMEOUT = 30.0
+#: The linger flag files logind keeps, one per user (``loginctl enable-linger``).
+LINGER_DIR = Path("/var/lib/systemd/linger")
+#: Directories appended to the unit's PATH after the ones we found tools in.
+BASE_PATH = ("/usr/local/bin", "/usr/bin", "/bin")
+#: Variables copied from the installing shell into the unit when set, so that the daemon, its
+#: hook and ``qwen-refresher status`` in that shell all look at the same files and gateway.
+#: Never secrets: ``OPENCLAW_GATEWAY_TOKEN`` belongs in the optional EnvironmentFile.
+PASS_THROUGH_ENV = (
+    "XDG_CONFIG_HOME",
+    "XDG_STATE_HOME",
+    "OPENCLAW_HOME",
+    "OPENCLAW_PROFILE",
+    "OPENCLAW_CONFIG_PATH",
+    "OPENCLAW_AGENT_DIR",
+    "PI_CODING_AGENT_DIR",
+    "OPENCLAW_GATEWAY_PORT",
+    "OPENCLAW_GATEWAY_URL",
+    "QWEN_REFRESHER_CONFIG",
+    "QWEN_REFRESHER_STATE_DIR",
+)
+
+Sandbox = Literal["full", "basic"]
+
+#: Settings that need a user namespace in a user manager, in the order the unit lists them.
+#: ``--sandbox auto`` probes exactly these (see ``probe_sandbox``).
+NAMESPACE_SETTINGS: tuple[tuple[str, str], ...] = (
+    ("PrivateUsers", "yes"),
+    ("ProtectSystem", "strict"),
+    ("ProtectHome", "read-only"),
+    ("PrivateTmp", "yes"),
+    ("PrivateDevices", "yes"),
+    ("PrivateIPC", "yes"),
+    ("PrivateMounts", "yes"),
+    ("ProtectHostname", "yes"),
+    ("ProtectClock", "yes"),
+    ("ProtectKernelTunables", "yes"),
+    ("ProtectKernelModules", "yes"),
+    ("ProtectKernelLogs", "yes"),
+    ("CapabilityBoundingSet", ""),
+    ("AmbientCapabilities", ""),
+)
+
+_HEADER_INSTALLED = """{marker}; edits here are lost on the next install.
+# Change settings in ~/.config/qwen-refresher/config.toml, or add a drop-in with
+# `systemctl --user edit qwen-refresher`; remove with `qwen-refresher uninstall-service`."""
+
+_HEADER_SHIPPED = """\
+# qwen-refresher as a systemd user service (template).
+# `qwen-refresher install-service` writes a filled-in copy of this file to
+# ~/.config/systemd/user/ (absolute paths, a PATH that finds `openclaw`, the resolved OpenClaw
+# directories) and is the supported way to install it. To use this file by hand instead:
+#   mkdir -p -m 0700 ~/.local/state/qwen-refresher
+#   cp qwen-refresher.service ~/.config/systemd/user/ && systemctl --user daemon-reload
+#   systemctl --user enable --now qwen-refresher
+# and make sure ExecStart= points at your qwen-refresher and PATH= finds `openclaw` and `node`."""
+
+_BODY = """\
+#
+# It refreshes OpenClaw's qwen-portal OAuth tokens before they expire, writes them back under
+# OpenClaw's lock and runs on_rotate (by default `openclaw secrets reload`) so the gateway
+# picks them up. Logs: journalctl --user -u qwen-refresher. Health: qwen-refresher status.
+# Without `loginctl enable-linger $USER` it stops when your last session ends.
+
+[Unit]
+Description=qwen-refresher: keep OpenClaw's qwen-portal OAuth tokens fresh
+# Ordering only (no dependency): if the gateway is a user service too, start after it so the
+# first on_rotate finds it listening. The refresher works without it.
+After={gateway_unit}
+# Five failed starts in ten minutes and systemd stops trying (see `systemctl --user status`):
+# a crash loop would otherwise hammer Qwen's token endpoint with the same refresh token.
+StartLimitIntervalSec=10min
+StartLimitBurst=5
+
+[Service]
+# READY=1 once the stores are loaded, WATCHDOG=1 from the main loop, STOPPING=1 on SIGTERM.
+Type=notify
+NotifyAccess=main
+ExecStart={exec_start}
+# SIGHUP re-reads config.toml and rediscovers stores without dropping state.
+ExecReload=/bin/kill -HUP $MAINPID
+# A main loop silent for a minute is hung; systemd kills it and Restart= starts a fresh one.
+WatchdogSec=60s
+TimeoutStopSec=30s
+Restart=on-failure
+RestartSec=15s
+# 78 (EX_CONFIG) is a bad setting; restarting cannot fix it, so fail once, loudly.
+RestartPreventExitStatus=78
+{environment}
+# Optional KEY=value lines, e.g. OPENCLAW_GATEWAY_TOKEN if your gateway token is not in
+# openclaw.json (keep the file 0600). Secrets never go into this unit.
+EnvironmentFile=-%E/qwen-refresher/env
+# Stores and journal hold OAuth tokens: everything we create is private to the user.
+UMask=0077
+
+# Sandbox. `systemd-analyze security --offline=true` (systemd 252) scores this unit 1.9 with the
+# filesystem part below; Vault Agent's shipped unit scores 6.0 on the same check.
+NoNewPrivileges=yes
+# Unix sockets for sd_notify and journald, IPv4/IPv6 for Qwen and the gateway; nothing else.
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
+RestrictNamespaces=yes
+LockPersonality=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+SystemCallArchitectures=native
+SystemCallFilter=@system-service
+SystemCallFilter=~@privileged @resources
+# A denied call fails with EPERM instead of killing the process (e.g. a best-effort fchown).
+SystemCallErrorNumber=EPERM
+KeyringMode=private
+# Off on purpose: the on_rotate hook inherits it, and OpenClaw's CLI (Node.js) cannot run
+# without writable+executable memory. Turn it on in a drop-in if your hook is not Node.
+#MemoryDenyWriteExecute=yes
+{namespaces}
+[Install]
+WantedBy=default.target
+"""
+
+_NAMESPACES_FULL = """
+# Filesystem and kernel sandbox. In a user manager these need a user namespace (PrivateUsers=).
+# The whole tree is read-only except the directories below; "-" skips one that does not exist
+# yet (it then stays read-only until the service is restarted after it appears).
+PrivateUsers=yes
+ProtectSystem=strict
+ProtectHome=read-only
+{read_write_paths}
+PrivateTmp=yes
+PrivateDevices=yes
+PrivateIPC=yes
+PrivateMounts=yes
+ProtectHostname=yes
+ProtectClock=yes
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+CapabilityBoundingSet=
+AmbientCapabilities=
+"""
+
+_NAMESPACES_BASIC = """
+# Filesystem sandbox (ProtectSystem=strict, ReadWritePaths=, PrivateTmp= ...) left out: this
+# machine's user manager cannot create user namespaces (probed at install time; Ubuntu 23.10+
+# restricts them through AppArmor). Re-run `qwen-refresher install-service --sandbox full`
+# after allowing them (kernel.apparmor_restrict_unprivileged_userns=0).
+"""
+
+_SHIPPED_READ_WRITE = ("%h/.openclaw", "%h/.qwen", "%h/.local/state/qwen-refresher")
+
+
+@dataclass(frozen=True)
+class UnitParams:
+    """Everything that differs between two installs of the unit."""
+
+    exec_start: tuple[str, ...]
+    environment: tuple[tuple[str, str], ...] = ()
+    #: Directories the service may write; each is written as ``-<path>`` (missing is fine).
+    read_write_paths: tuple[str, ...] = ()
+    sandbox: Sandbox = "full"
+    #: Installed units carry ``MARKER``; the shipped template does not, so a copy of it placed
+    #: by hand is treated as the user's own file.
+    installed: bool = True
+    version: str = ""
+    #: Values written as they are, so that specifiers such as ``%h`` work (the shipped
+    #: template); installed units escape ``%`` because their paths are literal.
+    specifiers: bool = False
+
+
+def _escape(text: str, *, specifiers: bool) -> str:
+    """``%`` starts a specifier in unit files; a literal one is written ``%%``."""
+    return text if specifiers else text.replace("%", "%%")
+
+
+def _quoted(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def quote_arg(arg: str, *, specifiers: bool = False) -> str:
+    """One ExecStart= word: ``$`` would expand a variable, ``%`` a specifier, space splits."""
+    text = _escape(arg, specifiers=specifiers).replace("$", "$$")
+    if text and not any(c in text for c in " \t\"'\\;"):
+        return text
+    return _quoted(text)
+
+
+def _environment_line(name: str, value: str, *, specifiers: bool) -> str:
+    return "Environment=" + _quoted(_escape(f"{name}={value}", specifiers=specifiers))
+
+
+def _path_line(path: str, *, specifiers: bool) -> str:
+    text = "-" + _escape(path, specifiers=specifiers)
+    if any(c in text for c in " \t\"'\\"):
+        text = _quoted(text)
+    return f"ReadWritePaths={text}"
+
+
+def render_unit(params: UnitParams) -> str:
+    """The unit file text for ``params``."""
+    for value in (*params.exec_start, *params.read_write_paths,
+                  *(v for pair in params.environment for v in pair)):
+        if "\n" in value or "\r" in value:
+            raise ServiceError(f"cannot put a line break into a unit file: {value!r}")
+    raw = params.specifiers
+    if params.installed:
+        marker = MARKER + (f" {params.version}" if params.version else "")
+        header = _HEADER_INSTALLED.format(marker=marker)
+    else:
+        header = _HEADER_SHIPPED
+    environment = "\n".join(_environment_line(k, v, specifiers=raw)
+                            for k, v in params.environment)
+    if params.sandbox == "full":
+        rw = "\n".join(_path_line(p, specifiers=raw) for p in params.read_write_paths)
+        namespaces = _NAMESPACES_FULL.format(read_write_paths=rw)
+    else:
+        namespaces = _NAMESPACES_BASIC
+    return header + "\n" + _BODY.format(
+        gateway_unit=GATEWAY_UNIT,
+        exec_start=" ".join(quote_arg(a, specifiers=raw) for a in params.exec_start),
+        environment=environment,
+        namespaces=namespaces,
+    )
+
+
+def shipped_unit() -> str:
+    """``systemd/qwen-refresher.service``: the template with specifiers, scored by CI."""
+    return render_unit(UnitParams(
+        exec_start=("%h/.local/bin/qwen-refresher", "run"),
+        environment=(("PYTHONUNBUFFERED", "1"),),
+        read_write_paths=_SHIPPED_READ_WRITE,
+        installed=False,
+        specifiers=True,
+    ))
+
+
+def is_ours(text: str) -> bool:
+    """Whether a unit file was written by install-service (its first line is ``MARKER``)."""
+    first = text.lstrip("\ufeff").split("\n", 1)[0]
+    return first.startswith(MARKER)
+
+
+# --- resolving what the unit needs -------------------------------------------------------------
+
+@dataclass
+class Resolved:
+    """What ``install-service`` found on this machine; the unit is rendered from it."""
+
+    exec_start: tuple[str, ...]
+    environment: list[tuple[str, str]]
+    read_write_paths: list[Path]
+    state_dir: Path
+    openclaw_state_dir: Path
+    qwen_home: Path
+    openclaw_cli: str | None
+    warnings: list[str] = field(default_factory=list)
+
+
+def resolve_exec_start(env: Mapping[str, str], argv0: str | None = None) -> tuple[str, ...]:
+    """The command systemd should run: this very installation of qwen-refresher.
+
+    The running console script wins over the first one on PATH (someone running
+    ``~/venvs/x/bin/qwen-refresher install-service`` means that one). Symlinks are kept, not
+    resolved: pipx's ``~/.local/bin/qwen-refresher`` survives upgrades, its target does not.
+    """
+    argv0 = sys.argv[0] if argv0 is None else argv0
+    if argv0 and Path(argv0).name.startswith("qwen-refresher"):
+        if os.sep in argv0:
+            candidate = Path(argv0).expanduser().absolute()
+            if candidate.is_file() and os.access(candidate, os.X_OK):
+                return (str(candidate), "run")
+        else:
+            found = shutil.which(argv0, path=env.get("PATH"))
+            if found:
+                return (str(Path(found).absolute()), "run")
+    found = shutil.which("qwen-refresher", path=env.get("PATH"))
+    if found:
+        return (str(Path(found).absolute()), "run")
+    # Installed without its console script (e.g. ``python -m qwen_refresher``): run the module
+    # with this interpreter, unresolved so a venv's python keeps finding its site-packages.
+    return (str(Path(sys.executable).absolute()), "-m", "qwen_refresher", "run")
+
+
+def _configured(env: Mapping[str, str], warnings: list[str]) -> tuple[Path | None, list[Path]]:
+    """``state_dir`` and ``stores`` as the daemon will read them: environment, then TOML.
+
+    Read with the stdlib only (no pydantic), just far enough to know which directories the
+    sandbox must leave writable; the daemon validates the values properly when it starts.
+    """
+    state_dir: Path | None = None
+    stores: list[Path] = []
+    config_path = Path(env.get("QWEN_REFRESHER_CONFIG") or paths.default_config_file(env))
+    doc: dict[str, Any] = {}
+    if config_path.exists():
+        try:
+            with config_path.open("rb") as fh:
+                doc = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            warnings.append(f"{config_path}: cannot be read ({exc}); the service will fail "
+                            "to start until it is fixed")
+    raw_state = env.get("QWEN_REFRESHER_STATE_DIR") or doc.get("state_dir")
+    if isinstance(raw_state, str) and raw_state.strip():
+        state_dir = Path(raw_state.strip()).expanduser().absolute()
+    raw_stores: object = doc.get("stores")
+    env_stores = env.get("QWEN_REFRESHER_STORES", "").strip()
+    if env_stores:
+        try:
+            raw_stores = json.loads(env_stores)
+        except ValueError:
+            raw_stores = env_stores
+    if isinstance(raw_stores, str):
+        raw_stores = [raw_stores]
+    if isinstance(raw_stores, list):
+        stores = [Path(s).expanduser().absolute() for s in raw_stores
+                  if isinstance(s, str) and s.strip()]
+    return state_dir, stores
+
+
+def _tool_dirs(env: Mapping[str, str], exec_start: Sequence[str]) -> tuple[list[str], str | None]:
+    """PATH entries for the unit, and OpenClaw's CLI if found.
+
+    The user manager's PATH rarely contains ``~/.npm-global/bin`` or an nvm directory, and
+    without ``openclaw`` on PATH the default ``on_rotate`` (auto) silently does nothing. The
+    ``openclaw`` launcher is ``#!/usr/bin/env node``, so the directory of ``node`` is needed
+    too; the one next to ``openclaw`` first (nvm keeps both in one bin directory).
+    """
+    search = env.get("PATH")
+    openclaw = shutil.which("openclaw", path=search)
+    node = shutil.which("node", path=search)
+    found = [Path(exec_start[0]).parent]
+    found += [Path(tool).absolute().parent for tool in (openclaw, node) if tool]
+    dirs: list[str] = []
+    for entry in [*(str(d) for d in found if str(d) not in BASE_PATH), *BASE_PATH]:
+        if entry not in dirs:
+            dirs.append(entry)
+    return dirs, (str(Path(openclaw).absolute()) if openclaw else None)
+
+
+def _writable_dirs(candidates: Iterable[Path]) -> list[Path]:
+    """Deduplicated, parents before children dropped: one ``ReadWritePaths=`` per subtree."""
+    unique: list[Path] = []
+    for path in candidates:
+        if path not in unique:
+            unique.append(path)
+    kept: list[Path] = []
+    for path in unique:
+        if any(path != other and path.is_relative_to(other) for other in unique):
+            continue
+        kept.append(path)
+    return kept
+
+
+def resolve(env: Mapping[str, str] | None = None, argv0: str | None = None) -> Resolved:
+    """Work out the unit's paths and environment for the current user."""
+    e: Mapping[str, str] = os.environ if env is None else env
+    warnings: list[str] = []
+    exec_start = resolve_exec_start(e, argv0)
+    openclaw_dir = paths.openclaw_state_dir(e)
+    qwen_dir = paths.qwen_home(e)
+    configured_state, stores = _configured(e, warnings)
+    state_dir = configured_state or paths.default_state_dir(e)
+
+    writable: list[Path] = [openclaw_dir]
+    if any(e.get(v, "").strip() for v in ("OPENCLAW_AGENT_DIR", "PI_CODING_AGENT_DIR")):
+        writable.append(paths.main_agent_dir(e))
+    writable += [qwen_dir, state_dir]
+    # Store files elsewhere, and the targets of symlinked stores: OpenClaw's lock file is
+    # ``<realpath>.lock`` and our atomic write puts its temporary file next to the target.
+    for store in [*stores, *paths.discover_openclaw_stores(e)]:
+        writable.append(store.parent)
+        real = Path(os.path.realpath(store))
+        if real != store:
+            writable.append(real.parent)
+
+    path_dirs, openclaw_cli = _tool_dirs(e, exec_start)
+    environment: list[tuple[str, str]] = [
+        ("PATH", ":".join(path_dirs)),
+        ("PYTHONUNBUFFERED", "1"),
+        ("OPENCLAW_STATE_DIR", str(openclaw_dir)),
+        ("QWEN_HOME", str(qwen_dir)),
+    ]
+    for name in PASS_THROUGH_ENV:
+        value = e.get(name, "").strip()
+        if value and name not in dict(environment):
+            environment.append((name, value))
+    if openclaw_cli is None:
+        warnings.append("`openclaw` is not on PATH: with on_rotate = auto the gateway will not "
+                        "be told to reload after a rotation; set on_rotate in config.toml")
+    return Resolved(
+        exec_start=exec_start,
+        environment=environment,
+        read_write_paths=_writable_dirs(writable),
+        state_dir=state_dir,
+        openclaw_state_dir=openclaw_dir,
+        qwen_home=qwen_dir,
+        openclaw_cli=openclaw_cli,
+        warnings=warnings,
+    )
+
+
+def unit_params(resolved: Resolved, sandbox: Sandbox, version: str = "") -> UnitParams:
+    return UnitParams(
+        exec_start=resolved.exec_start,
+        environment=tuple(resolved.environment),
+        read_write_paths=tuple(str(p) for p in resolved.read_write_paths),
+        sandbox=sandbox,
+        installed=True,
+        version=version,
+    )
+
+
+def default_unit_dir(env: Mapping[str, str] | None = None) -> Path:
+    """``$XDG_CONFIG_HOME/systemd/user``: where a user manager looks for the user's units."""
+    return paths.default_config_file(env).parent.parent / "systemd" / "user"
+
+
+# --- talking to systemd ------------------------------------------------------------------------
+
+def _systemctl(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """``systemctl --user ARGS``; a failure becomes a ServiceError naming the command."""
+    command = ["systemctl", "--user", *args]
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True,
+                              timeout=SYSTEMCTL_TIMEOUT, check=False)
+    except FileNotFoundError:
+        raise ServiceError("systemctl not found: install-service needs systemd. Elsewhere run "
+                           "`qwen-refresher run` under your own supervisor, or use the "
+                           "Docker image") from None
+    except subprocess.TimeoutExpired:
+        raise ServiceError(f"`{' '.join(command)}` did not finish in "
+                           f"{SYSTEMCTL_TIMEOUT:.0f}s") from None
+    if check and proc.returncode != 0:
+        detail = (proc.stderr or proc.stdout).strip()
+        hint = ""
+        if "bus" in detail.lower() or "XDG_RUNTIME_DIR" in detail:
+            hint = (" (run it as the user who runs OpenClaw, from a login session, not through "
+                    "sudo or su; or export XDG_RUNTIME_DIR=/run/user/$(id -u))")
+        raise ServiceError(f"`{' '.join(command)}` failed: {detail or proc.returncode}{hint}")
+    return proc
+
+
+def probe_sandbox() -> tuple[bool | None, str]:
+    """Can this user manager run a unit with our namespace settings? (None: could not ask.)
+
+    Asks the manager itself rather than guessing from sysctls: a throw-away
+    ``systemd-run --user --wait`` of ``/bin/true`` with exactly ``NAMESPACE_SETTINGS``.
+    """
+    if shutil.which("systemd-run") is None:
+        return None, "systemd-run not found"
+    command = ["systemd-run", "--user", "--wait", "--quiet", "--collect"]
+    for name, value in NAMESPACE_SETTINGS:
+        command += ["-p", f"{name}={value}"]
+    command.append("/bin/true")
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=PROBE_TIMEOUT,
+                              check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return None, str(exc)
+    detail = (proc.stderr or proc.stdout).strip()
+    return proc.returncode == 0, detail
+
+
+def _lingering(user: str) -> bool:
+    return (LINGER_DIR / user).exists()
+
+
+def _user_name() -> str:
+    try:
+        import pwd
+
+        return pwd.getpwuid(os.getuid()).pw_name
+    except (ImportError, KeyError):
+        return os.environ.get("USER") or os.environ.get("LOGNAME") or "$USER"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with tmp.open("w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.chmod(0o644)
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ServiceError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def _read_existing(path: Path) -> str | None:
+    if not path.exists() and not path.is_symlink():
+        return None
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""  # unreadable or a dangling symlink: certainly not a unit we wrote
+
+
+# --- the commands ------------------------------------------------------------------------------
+
+def _out(message: str) -> None:
+    print(message, flush=True)
+
+
+def _warn(message: str) -> None:
+    print(f"qwen-refresher: warning: {message}", file=sys.stderr, flush=True)
+
+
+def install(args: argparse.Namespace) -> int:
+    """Write the unit, reload systemd, optionally enable and start it."""
+    from . import __version__
+
+    resolved = resolve()
+    sandbox: Sandbox
+    if args.sandbox == "auto":
+        ok, detail = probe_sandbox()
+        if ok is False:
+            sandbox = "basic"
+            _warn("this user manager cannot run sandboxed user services (user namespaces are "
+                  "restricted); installing with the basic (seccomp-only) sandbox. "
+                  f"systemd said: {detail or 'no details'}")
+        else:
+            sandbox = "full"
+    else:
+        sandbox = args.sandbox
+    text = render_unit(unit_params(resolved, sandbox, __version__))
+    if args.dry_run:
+        sys.stdout.write(text)
+        for warning in resolved.warnings:
+            _warn(warning)
+        return 0
+
+    if not sys.platform.startswith("linux"):
+        raise ServiceError("systemd user services exist only on Linux; use --dry-run to see "
+                           "the unit, or run `qwen-refresher run` under your own supervisor")
+    unit_dir = Path(args.unit_dir).expanduser().absolute() if args.unit_dir \
+        else default_unit_dir()
+    target = unit_dir / UNIT_NAME
+    existing = _read_existing(target)
+    if existing is not None and not is_ours(existing):
+        if not args.force:
+            raise ServiceError(f"{target} exists and was not written by qwen-refresher "
+                               "install-service; not overwriting it. Move it away, or pass "
+                               "--force to replace it (a copy is kept as "
+                               f"{UNIT_NAME}.bak)")
+        backup = target.with_name(UNIT_NAME + ".bak")
+        try:
+            shutil.copyfile(target, backup, follow_symlinks=True)
+        except OSError:
+            backup.write_text(existing, encoding="utf-8")
+        _out(f"Kept the previous unit as {backup}")
+    try:
+        unit_dir.mkdir(parents=True, exist_ok=True)
+        resolved.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ServiceError(f"cannot create {exc.filename}: {exc.strerror}") from None
+    changed = existing != text
+    if changed:
+        _write_atomic(target, text)
+    _out(f"{'Wrote' if changed else 'Unchanged:'} {target}")
+    _out(f"  runs: {' '.join(resolved.exec_start)}")
+    _out(f"  sandbox: {sandbox}")
+    _systemctl("daemon-reload")
+    if args.now:
+        if existing is not None and changed:
+            _systemctl("try-restart", UNIT_NAME)  # a running old version picks up the new unit
+        _systemctl("enable", "--now", UNIT_NAME)
+        _out(f"Enabled and started {UNIT_NAME}.")
+    else:
+        if existing is not None and changed:
+            _out(f"If it is running, apply the new unit: systemctl --user restart {UNIT_NAME}")
+        _out(f"Start it now and at every login: systemctl --user enable --now {UNIT_NAME}")
+    for label, directory in (("OpenClaw state dir", resolved.openclaw_state_dir),
+                             ("Qwen Code dir", resolved.qwen_home)):
+        if sandbox == "full" and not directory.exists():
+            _out(f"Note: {label} {directory} does not exist yet; the service can write there "
+                 "only after a restart once it does.")
+    for warning in resolved.warnings:
+        _warn(warning)
+    user = _user_name()
+    if not _lingering(user):
+        _out("Note: user services stop when your last login session ends. To keep it running "
+             f"after logout and start it at boot: loginctl enable-linger {user}")
+    _out(f"Check it with: qwen-refresher status   Logs: journalctl --user -u {UNIT_NAME}")
+    return 0
+
+
+def uninstall(args: argparse.Namespace) -> int:
+    """Stop, disable and remove the unit; the state dir (history, journal) is kept."""
+    unit_dir = Path(args.unit_dir).expanduser().absolute() if args.unit_dir \
+        else default_unit_dir()
+    target = unit_dir / UNIT_NAME
+    existing = _read_existing(target)
+    if existing is None:
+        _out(f"{target} does not exist; nothing to remove.")
+        return 0
+    if not is_ours(existing) and not args.force:
+        raise ServiceError(f"{target} was not written by qwen-refresher install-service; not "
+                           "removing it. Pass --force to remove it anyway")
+    stopped = _systemctl("disable", "--now", UNIT_NAME, check=False)
+    if stopped.returncode != 0:
+        _warn(f"`systemctl --user disable --now {UNIT_NAME}` failed: "
+              f"{(stopped.stderr or stopped.stdout).strip() or stopped.returncode}; "
+              "removing the unit file anyway")
+    try:
+        target.unlink()
+    except OSError as exc:
+        raise ServiceError(f"cannot remove {target}: {exc.strerror}") from None
+    _systemctl("daemon-reload")
+    _systemctl("reset-failed", UNIT_NAME, check=False)
+    _out(f"Removed {target}.")
+    state_dir = _configured(os.environ, [])[0] or paths.default_state_dir()
+    _out(f"Kept the state dir {state_dir} (status history; a token journal if a write ever "
+         "failed) and any linger setting (`loginctl disable-linger` undoes that).")
+    return 0
+
+
+def add_parsers(subparsers: Any) -> None:
+    """Register ``install-service`` and ``uninstall-service`` (``argparse._SubParsersAction``)."""
+    p = subparsers.add_parser(
+        "install-service",
+        help="install the refresher as a systemd user service",
+        description="Write ~/.config/systemd/user/qwen-refresher.service for this "
+                    "installation and this user's OpenClaw, then `systemctl --user "
+                    "daemon-reload` (and `enable --now` with --now).",
+    )
+    p.add_argument("--now", action="store_true", help="also enable and start it")
+    p.add_argument("--force", action="store_true",
+                   help="replace a qwen-refresher.service that install-service did not write")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the unit and change nothing")
+    p.add_argument("--sandbox", choices=["auto", "full", "basic"], default="auto",
+                   help="filesystem sandbox: auto probes whether this user manager can create "
+                        "user namespaces (default), full always, basic never")
+    p.add_argument("--unit-dir", help="directory to write the unit to "
+                                      "(default $XDG_CONFIG_HOME/systemd/user)")
+    p.set_defaults(handler=install)
+
+    u = subparsers.add_parser(
+        "uninstall-service",
+        help="stop and remove the systemd user service",
+        description="`systemctl --user disable --now`, remove the unit written by "
+                    "install-service, daemon-reload. Keeps the state dir.",
+    )
+    u.add_argument("--force", action="store_true",
+                   help="remove qwen-refresher.service even if install-service did not write it")
+    u.add_argument("--unit-dir", help="directory the unit is in "
+                                      "(default $XDG_CONFIG_HOME/systemd/user)")
+    u.set_defaults(handler=uninstall)

@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from qwen_refresher.planner import MIN_INTERVAL, Timing, backoff_delay, refresh_at
+
+T = Timing(margin=900, jitter=60, retry_max=300)
+NOW = 1_800_000_000.0
+
+
+def test_a_six_hour_token_is_refreshed_margin_plus_jitter_before_expiry() -> None:
+    rng = random.Random(1)
+    at = refresh_at(now=NOW, expires_at=NOW + 6 * 3600, issued_at=NOW, timing=T, rng=rng)
+    assert NOW + 6 * 3600 - 900 - 60 <= at <= NOW + 6 * 3600 - 900
+
+
+def test_jitter_spreads_profiles_issued_together() -> None:
+    rng = random.Random(7)
+    times = {refresh_at(now=NOW, expires_at=NOW + 21600, issued_at=NOW, timing=T, rng=rng)
+             for _ in range(50)}
+    assert max(times) - min(times) > 30
+
+
+def test_a_token_inside_its_margin_is_refreshed_at_once() -> None:
+    assert refresh_at(now=NOW, expires_at=NOW + 300, issued_at=None, timing=T) == NOW
+
+
+def test_an_expired_token_is_refreshed_at_once() -> None:
+    assert refresh_at(now=NOW, expires_at=NOW - 50, issued_at=None, timing=T) == NOW
+
+
+@pytest.mark.parametrize("lifetime", [1.0, 20.0, 600.0, 1200.0])
+def test_a_short_lived_token_is_refreshed_at_half_its_lifetime_never_in_a_loop(
+        lifetime: float) -> None:
+    at = refresh_at(now=NOW, expires_at=NOW + lifetime, issued_at=NOW,
+                    timing=Timing(900, 0, 300))
+    assert at == pytest.approx(NOW + lifetime / 2)
+
+
+def test_even_a_zero_lifetime_waits_the_minimum_interval() -> None:
+    at = refresh_at(now=NOW, expires_at=NOW, issued_at=NOW, timing=T)
+    assert at >= NOW + MIN_INTERVAL
+
+
+def test_backoff_grows_exponentially_and_is_capped() -> None:
+    delays = [backoff_delay(n, cap=300) for n in range(1, 15)]
+    assert delays[0] < 3
+    assert delays[4] > delays[1] * 4
+    assert max(delays) <= 300
+    assert delays[-1] == 300
+
+
+def test_retry_after_is_a_floor() -> None:
+    assert backoff_delay(1, cap=300, retry_after=42) == 42
+    assert backoff_delay(12, cap=300, retry_after=5) == 300
+
+
+def test_absurd_retry_after_is_capped_at_an_hour() -> None:
+    assert backoff_delay(1, cap=300, retry_after=10**9) == 3600
