@@ -544,9 +544,9 @@ def _login(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                          timeout=settings.http_timeout) as client:
         auth = client.start_device_flow()
         _show_code(auth, qr=qr, out=out)
-        minutes = max(1, round(auth.expires_in / 60))
-        _say(f"Waiting for approval (the code is valid for {minutes} min; Ctrl-C cancels)...",
-             err)
+        valid = (f"{auth.expires_in:.0f} s" if auth.expires_in < 90
+                 else f"{auth.expires_in / 60:.0f} min")
+        _say(f"Waiting for approval (the code is valid for {valid}; Ctrl-C cancels)...", err)
         try:
             grant = client.wait_for_device_token(auth)
         except DeviceFlowError as exc:

@@ -186,12 +186,13 @@ class Notice:
             lines.append(f"This has been so for {_ago(self.now - self.since)}.")
         lines.append("")
         if self.code is not None:
-            minutes = max(1, round((self.code.expires_at - self.now) / 60))
+            left = max(0.0, self.code.expires_at - self.now)
+            valid = f"{left:.0f} s" if left < 90 else f"{left / 60:.0f} min"
             lines += [
                 "Approve a new login from any device (your phone is fine):",
                 f"  {self.code.url}",
                 f"(or open {self.code.verification_uri} and enter the code "
-                f"{self.code.user_code}; valid for {minutes} min). qwen-refresher writes "
+                f"{self.code.user_code}; valid for {valid}). qwen-refresher writes "
                 "the new tokens itself.",
                 "",
                 "Or log in from a terminal on this machine:",

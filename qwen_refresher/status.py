@@ -506,11 +506,25 @@ def exit_code(profiles: Sequence[ProfileStatus], running: bool,
     return EX_OK
 
 
-def _names(profiles: Sequence[ProfileStatus]) -> str:
-    names = list(dict.fromkeys(p["profile"] or paths.shorten_home(p["store"]) for p in profiles))
+def _label(p: ProfileStatus, ambiguous: set[str]) -> str:
+    """The profile id, with its agent (or store) when another store has the same id."""
+    if not p["profile"]:
+        return paths.shorten_home(p["store"])
+    if p["profile"] in ambiguous:
+        return f"{p['profile']} ({p['agent'] or paths.shorten_home(p['store'])})"
+    return p["profile"]
+
+
+def _names(chosen: Sequence[ProfileStatus], everyone: Sequence[ProfileStatus]) -> tuple[str, int]:
+    """"a", "a and b" or "a, b and 3 more", and how many distinct names there were."""
+    seen: dict[str, int] = {}
+    for p in everyone:
+        seen[p["profile"]] = seen.get(p["profile"], 0) + 1
+    ambiguous = {name for name, n in seen.items() if n > 1}
+    names = list(dict.fromkeys(_label(p, ambiguous) for p in chosen))
     if len(names) > 2:
-        return f"{names[0]}, {names[1]} and {len(names) - 2} more"
-    return " and ".join(names)
+        return f"{names[0]}, {names[1]} and {len(names) - 2} more", len(names)
+    return " and ".join(names), len(names)
 
 
 def _counts(profiles: Sequence[ProfileStatus], named: bool) -> list[str]:
@@ -538,9 +552,10 @@ def summary_line(profiles: list[ProfileStatus], now: float) -> str:
     login = [p for p in profiles if p["state"] == "needs_login"]
     expired = [p for p in profiles if p["state"] == "expired"]
     if login:
-        parts.append(f"{_names(login)} need{'s' if len(_names_set(login)) == 1 else ''} login")
+        names, count = _names(login, profiles)
+        parts.append(f"{names} need{'s' if count == 1 else ''} login")
     if expired:
-        parts.append(f"{_names(expired)} expired")
+        parts.append(f"{_names(expired, profiles)[0]} expired")
     parts += _counts(profiles, named=bool(parts))
     upcoming = [p["next_refresh_at"] for p in profiles if p["next_refresh_at"] is not None]
     if upcoming:
@@ -548,10 +563,6 @@ def summary_line(profiles: list[ProfileStatus], now: float) -> str:
         parts.append("next refresh now" if wait <= 0 else
                      f"next refresh in {format_duration(wait)}")
     return ", ".join(parts)
-
-
-def _names_set(profiles: Sequence[ProfileStatus]) -> set[str]:
-    return {p["profile"] or p["store"] for p in profiles}
 
 
 def families(profiles: Sequence[ProfileStatus]) -> dict[str, list[ProfileStatus]]:
@@ -611,7 +622,18 @@ def _json_daemon(report: Report) -> dict[str, Any]:
 
 
 def to_json(report: Report) -> dict[str, Any]:
-    """The ``--json`` document, schema_version 1 (README and tests show an example)."""
+    """The ``--json`` document, ``schema_version`` 1.
+
+    Times are ISO 8601 UTC strings ending in ``Z`` (or null), durations are seconds (negative
+    once past). Top level: ``generated_at``, ``exit_code``, ``summary``, ``source`` ("daemon"
+    or "stores"), ``daemon`` {running, pid, version, started_at, uptime_seconds, updated_at,
+    state_dir}, ``profiles`` [{store (absolute path), store_kind, agent, profile (null for a
+    whole unreadable file), family, state, expires_at, expires_in_seconds, next_refresh_at,
+    next_refresh_in_seconds, last_refresh_at, attempts, last_error, login_command (only when
+    a login helps)}], ``stores`` [{store, kind, error}], ``families`` [{id, members: [{store,
+    profile}]}] (only families with more than one member). Fields may be added, never renamed
+    or removed, without a new ``schema_version``.
+    """
     return {
         "schema_version": SCHEMA_VERSION,
         "generated_at": iso(report.now),

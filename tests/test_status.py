@@ -9,6 +9,8 @@ and every byte it prints is checked for the tokens the test wrote into the store
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import pty
@@ -19,6 +21,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 
@@ -131,11 +134,21 @@ class Env:
         env.pop("QWEN_REFRESHER_LOG_FORMAT", None)
         return env
 
-    def run(self, *args: str, env: dict[str, str] | None = None,
-            stdout: Any = subprocess.PIPE) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run([sys.executable, "-m", "qwen_refresher", "status", *args],
-                              cwd=ROOT, env=env or self.env(), stdout=stdout,
-                              stderr=subprocess.PIPE, text=True, timeout=30)
+    def run(self, *args: str, env: dict[str, str] | None = None, stdout: Any = subprocess.PIPE,
+            cli: bool = False) -> subprocess.CompletedProcess[str]:
+        """``status`` with ``args``: the real CLI in a subprocess when ``cli``, else in-process
+        through ``status.main`` (same code, no interpreter start: keeps the suite fast)."""
+        if cli:
+            proc = subprocess.run([sys.executable, "-m", "qwen_refresher", "status", *args],
+                                  cwd=ROOT, env=env or self.env(), stdout=stdout,
+                                  stderr=subprocess.PIPE, text=True, timeout=30)
+        else:
+            out, err = io.StringIO(), io.StringIO()
+            with mock.patch.dict(os.environ, env or self.env(), clear=True), \
+                    contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                code = status.main(list(args))
+            proc = subprocess.CompletedProcess(["status", *args], code, out.getvalue(),
+                                               err.getvalue())
         assert_no_secrets([proc.stdout or "", proc.stderr], self.secrets)
         return proc
 
@@ -164,21 +177,21 @@ def test_not_running_reads_the_stores_itself(env: Env) -> None:
     env.openclaw(6 * HOUR)
     env.openclaw(5 * 60, agent="work")  # inside the 15 min margin
     env.qwen_code(6 * HOUR)
-    code, doc = env.json()
+    code, doc = env.json(cli=True)
     assert code == 3
     assert doc["daemon"]["running"] is False and doc["source"] == "stores"
     by_store = {(Path(p["store"]).parts[-3], p["profile"]): p["state"] for p in doc["profiles"]}
     assert by_store == {("main", "qwen-portal:default"): "ok",
                         ("work", "qwen-portal:default"): "due",
                         ("home", "qwen-code"): "ok"}
-    text = env.run()
+    text = env.run(cli=True)
     assert text.returncode == 3
     assert "daemon: not running" in text.stdout
     assert "~/.openclaw/agents/work/agent/auth-profiles.json" in text.stdout
 
 
 def test_empty_state_dir_and_no_store(env: Env) -> None:
-    code, doc = env.json()
+    code, doc = env.json(cli=True)
     assert code == 3  # not running outranks "no profile found"
     assert doc["profiles"] == [] and doc["summary"] == "no qwen-portal profile found"
     assert not env.state_dir.exists(), "status must not create the state dir"
@@ -263,9 +276,9 @@ def test_running_and_all_good(env: Env) -> None:
     assert doc["families"] == [{"id": "fam-1", "members": [
         {"store": str(main), "profile": "qwen-portal:default"},
         {"store": str(qwen), "profile": "qwen-code"}]}]
-    quiet = env.run("--quiet")
+    quiet = env.run("--quiet", cli=True)
     assert (quiet.returncode, quiet.stdout, quiet.stderr) == (0, "", "")
-    text = env.run().stdout
+    text = env.run(cli=True).stdout
     assert f"daemon: running, pid {os.getpid()}, up 2h0" in text
     assert "share one refresh token" in text
 
@@ -274,7 +287,7 @@ def test_json_schema(env: Env) -> None:
     store = env.openclaw(6 * HOUR)
     env.hold_lock()
     env.publish([env.row(store, "retrying", attempts=3, last_error="HTTP 503 from token url")])
-    code, doc = env.json()
+    code, doc = env.json(cli=True)
     assert code == 1
     assert doc["schema_version"] == 1
     assert set(doc) >= {"schema_version", "generated_at", "exit_code", "summary", "daemon",
@@ -302,7 +315,7 @@ def test_exit_code_for_each_published_state(env: Env, state: str, expected: int)
     store = env.openclaw(6 * HOUR if state != "expired" else -60)
     env.hold_lock()
     env.publish([env.row(store, state)])
-    assert env.run("--quiet").returncode == expected
+    assert env.run("--quiet", cli=True).returncode == expected
 
 
 def test_running_with_a_broken_store_shows_it(env: Env) -> None:
@@ -425,7 +438,7 @@ def test_qwen_code_can_be_left_out(env: Env) -> None:
                                  {"QWEN_REFRESHER_DISCOVER": "maybe"},
                                  {"QWEN_REFRESHER_CONFIG": "/nonexistent/config.toml"}])
 def test_bad_setting_exits_78(env: Env, bad: dict[str, str]) -> None:
-    proc = env.run(env=env.env(**bad))
+    proc = env.run(env=env.env(**bad), cli=True)
     assert proc.returncode == 78
     assert "invalid setting" in proc.stderr and proc.stdout == ""
     assert env.run("--quiet", env=env.env(**bad)).stderr == ""
@@ -453,7 +466,7 @@ def test_colour_only_on_a_tty(env: Env) -> None:
     primary, secondary = pty.openpty()
     try:
         for args, coloured in (((), True), (("--no-color",), False)):
-            proc = env.run(*args, stdout=secondary, env=tty_env)
+            proc = env.run(*args, stdout=secondary, env=tty_env, cli=True)
             assert proc.returncode == 2
             out = os.read(primary, 65536).decode()
             assert ("\033[31;1mneeds_login" in out) is coloured
@@ -484,7 +497,8 @@ def test_no_secret_in_any_output(env: Env) -> None:
     env.hold_lock()
     env.publish([env.row(s, st) for s, st in zip(stores, ("ok", "needs_login", "retrying"),
                                                  strict=True)])
-    outputs = [env.run(*args) for args in ((), ("--json",), ("--quiet",), ("--no-color",))]
+    outputs = [env.run(*args, cli=True)
+               for args in ((), ("--json",), ("--quiet",), ("--no-color",))]
     assert_no_secrets([p.stdout + p.stderr for p in outputs], env.secrets)
     env.lock.release()  # type: ignore[union-attr]
     env.lock = None
@@ -538,6 +552,10 @@ def test_summary_line() -> None:
         "2 profiles: 1 retrying, 1 ok, next refresh now"
     assert status.summary_line([p("expired"), p("needs_login", "b"), p("needs_login", "c")],
                                now) == "b and c need login, qwen-portal:default expired"
+    other_agent = p("needs_login")
+    other_agent["agent"] = "work"
+    assert status.summary_line([p("ok"), other_agent], now) == \
+        "qwen-portal:default (work) needs login, 1 ok"  # same id in two agents: say which
 
 
 def test_exit_code_rules() -> None:
@@ -585,13 +603,13 @@ def test_against_the_real_daemon(env: Env, fake: FakeQwen) -> None:
     with DaemonProcess(env.oc, fake, env=env.oc.env(), margin="900") as daemon:
         wait_for(lambda: (env.state_dir / "state.json").exists(), 20, "a published state",
                  daemon)
-        code, doc = env.json()
+        code, doc = env.json(cli=True)
         assert code == 0, doc
         assert doc["source"] == "daemon" and doc["daemon"]["pid"] == daemon.proc.pid
         (p,) = doc["profiles"]
         assert p["state"] == "ok" and p["next_refresh_in_seconds"] > 5 * HOUR
         assert daemon.stop() == 0
-    code, doc = env.json()
+    code, doc = env.json(cli=True)
     assert code == 3 and doc["daemon"]["running"] is False
     assert states(doc) == {"qwen-portal:default": "ok"}
     assert doc["profiles"][0]["family"] is not None  # remembered from the last publish
