@@ -568,6 +568,16 @@ def test_stop_cuts_open_keepalive_connections(http: httpx.Client) -> None:
         http.post(url, data={"grant_type": "refresh_token"})
 
 
+def test_stop_closes_idle_connections_at_once() -> None:
+    fake = FakeQwen().start()
+    with socket.create_connection(("127.0.0.1", fake.port), timeout=3) as idle:
+        time.sleep(0.05)  # let a handler thread pick the connection up
+        started = time.monotonic()
+        fake.stop()
+        assert idle.recv(1) == b""
+        assert time.monotonic() - started < 2
+
+
 def test_state_is_json_serialisable(fake: FakeQwen) -> None:
     fake.issue_tokens()
     fake.inject("503", body={"x": 1})

@@ -251,10 +251,11 @@ def test_real_daemon_endpoints_when_a_login_is_needed(tmp_path: Path, fake: Fake
             except urllib.error.HTTPError as exc:
                 return exc.code, exc.read().decode()
 
-        wait_for(lambda: get("/readyz")[0] == 503, 20, "readyz to turn 503", daemon)
+        # (Right after start-up it is 503 "no profile found", then 200 while the token is valid.)
+        wait_for(lambda: "needs_login" in get("/readyz")[1], 20, "readyz: needs_login", daemon)
         assert get("/healthz")[0] == 200  # alive: restarting would not help
-        _, body = get("/readyz")
-        assert "qwen-portal:default" in body and "needs_login" in body
+        status, body = get("/readyz")
+        assert status == 503 and "qwen-portal:default in ~/.openclaw/agents/main" in body
         metrics = get("/metrics")[1]
         assert 'qwen_refresher_needs_login{profile="qwen-portal:default"' in metrics
         assert 'qwen_refresher_refresh_total{result="rejected"} 1.0' in metrics

@@ -521,6 +521,19 @@ def test_wait_honours_the_code_expiry(fake: FakeQwen, client: QwenOAuthClient) -
     assert 0.25 <= time.monotonic() - started < 1.5
 
 
+def test_wait_never_sleeps_past_the_expiry(fake: FakeQwen, client: QwenOAuthClient) -> None:
+    auth = dataclasses.replace(client.start_device_flow(), interval=5.0, expires_in=0.3)
+    waits: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        time.sleep(seconds)
+
+    with pytest.raises(errors.DeviceFlowError, match="expired"):
+        client.wait_for_device_token(auth, sleep=sleep)
+    assert len(waits) == 1 and waits[0] <= 0.3
+
+
 def test_wait_stops_when_asked(fake: FakeQwen, client: QwenOAuthClient) -> None:
     auth = dataclasses.replace(client.start_device_flow(), interval=5.0)
     stop = threading.Event()

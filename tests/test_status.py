@@ -593,6 +593,13 @@ def test_lock_and_state_reading_agree_with_state_module(env: Env) -> None:
 # -- against the real daemon ------------------------------------------------------------------
 
 
+def _text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
 def test_against_the_real_daemon(env: Env, fake: FakeQwen) -> None:
     """The contract end to end: what the daemon publishes is what status reads; when the daemon
     stops, status notices through the flock and falls back to the stores."""
@@ -601,8 +608,8 @@ def test_against_the_real_daemon(env: Env, fake: FakeQwen) -> None:
     env.oc.write_store({"version": 1, "profiles": {"qwen-portal:default": qwen_profile(
         access, refresh, int((time.time() + 6 * HOUR) * 1000))}})
     with DaemonProcess(env.oc, fake, env=env.oc.env(), margin="900") as daemon:
-        wait_for(lambda: (env.state_dir / "state.json").exists(), 20, "a published state",
-                 daemon)
+        wait_for(lambda: "qwen-portal:default" in _text(env.state_dir / "state.json"), 20,
+                 "a published state", daemon)
         code, doc = env.json(cli=True)
         assert code == 0, doc
         assert doc["source"] == "daemon" and doc["daemon"]["pid"] == daemon.proc.pid
