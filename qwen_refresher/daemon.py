@@ -62,6 +62,8 @@ from .watcher import DirectoryWatcher
 #: Consecutive re-applications of one family that we allow before backing off: a writer that
 #: keeps reverting us must not turn the daemon into a loop.
 REVERT_FREE_RETRIES = 2
+#: How long state.json changes are gathered before one write.
+PUBLISH_DELAY = 0.1
 
 
 @dataclass
@@ -150,6 +152,7 @@ class Daemon:
         self.issued: dict[str, float] = {}
         self.reverts: dict[str, _Reverts] = defaultdict(_Reverts)
         self._last_published: bytes | None = None
+        self._publish_timer: threading.Timer | None = None
         self.scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(settings.max_concurrent_refreshes),
                        "io": ThreadPoolExecutor(2)},
@@ -524,6 +527,10 @@ class Daemon:
                     rt.attempts, rt.retry_at, rt.last_error = attempts, now + delay, outcome.reason
         expires = (datetime.fromtimestamp(outcome.creds.expires_at, UTC).isoformat()
                    if outcome.creds else None)
+        if outcome.journal_error is not None:
+            self.log.error("journal_write_failed", error=outcome.journal_error,
+                           message="rotated tokens could not be journaled; they live only in "
+                                   "memory until every store is written")
         if result == "rotated":
             self.log.info("rotated", profiles=names, expires_at=expires,
                           took_ms=round(outcome.duration * 1000, 1))
@@ -646,7 +653,21 @@ class Daemon:
                     for p, i in sorted(self.stores.items())]
 
     def publish(self) -> None:
+        """Ask for state.json to be rewritten; bursts (a refresh storm) coalesce into one
+        write per ``PUBLISH_DELAY`` instead of one fsync per profile."""
+        with self._publish_lock:
+            if self._publish_timer is not None:
+                return
+            timer = threading.Timer(PUBLISH_DELAY, self.publish_now)
+            timer.daemon = True
+            self._publish_timer = timer
+        timer.start()
+
+    def publish_now(self) -> None:
         import json
+
+        with self._publish_lock:
+            self._publish_timer = None
 
         profiles = self.profile_statuses()
         sweep = self.scheduler.get_job("sweep") if self.scheduler.running else None
@@ -789,7 +810,7 @@ class Daemon:
                 return 1
             return 0
         finally:
-            self.publish()
+            self.publish_now()
             self.client.close()
             self.daemon_lock.release()
 
@@ -813,7 +834,7 @@ class Daemon:
             self.notifier.close(2.0)
         with contextlib.suppress(Exception):
             self._last_published = None
-            self.publish()
+            self.publish_now()
         self.client.close()
         self.daemon_lock.release()
 

@@ -63,6 +63,7 @@ class Outcome:
     reapplied: list[ProfileKey] = field(default_factory=list)
     errors: dict[ProfileKey, str] = field(default_factory=dict)
     consumed: str | None = None
+    journal_error: str | None = None
     duration: float = 0.0
 
 
@@ -239,8 +240,11 @@ class Engine:
             # copy of the new one until the stores have it.
             self.history.link(best_fp, new_fp)
             self.history.remember(new_fp, new)
-            with contextlib.suppress(OSError, StoreError):
+            try:
                 self.journal.record(best_fp, new_fp, new, [m.key for m in members])
+            except (OSError, StoreError) as exc:
+                # Still in memory and about to be written; the daemon says so loudly.
+                outcome.journal_error = str(exc)
             self._write(snapshots, readable, new, outcome)
         outcome.creds, outcome.fp, outcome.consumed = new, new_fp, best_fp
         if all(m.key in outcome.written for m in members):

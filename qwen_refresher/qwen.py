@@ -162,7 +162,7 @@ def _clean(text: str, secrets_sent: Iterable[str], limit: int = MAX_DESCRIPTION)
 def _json_object(response: httpx.Response) -> dict[str, Any] | None:
     try:
         body = json.loads(response.content)
-    except ValueError:  # also covers UnicodeDecodeError
+    except (ValueError, RecursionError):  # ValueError covers UnicodeDecodeError too
         return None
     return body if isinstance(body, dict) else None
 

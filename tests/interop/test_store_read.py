@@ -33,7 +33,10 @@ def test_openclaw_reads_our_store_as_ok_with_our_expiry(
     report = openclaw.status()
 
     profile = oauth_profile(report, DEFAULT_PROFILE)
+    # "ok" alone proves little: OpenClaw says "ok" for any OAuth profile that has a refresh
+    # token, expired or not. The expiry is what shows it read our write.
     assert profile["status"] == "ok"
+    assert profile["remainingMs"] > 5 * 3600 * 1000
     assert profile["type"] == "oauth"
     assert profile["source"] == "store"
     assert profile["expiresAt"] == expires_ms

@@ -1,0 +1,74 @@
+# qwen-refresher as a sidecar container beside an OpenClaw gateway.
+#
+#   docker build -t qwen-refresher .                      # uid/gid 1000, like the OpenClaw image
+#   docker build --build-arg APP_UID=1001 --build-arg APP_GID=1001 -t qwen-refresher .
+#
+# APP_UID/APP_GID must own the OpenClaw state volume, i.e. match the gateway's user: the
+# refresher rewrites auth-profiles.json there, and OpenClaw's lock check (process.kill(pid, 0))
+# treats a lock held by a pid it may not signal, a different uid, as stale.
+# deploy/docker-compose.yml and deploy/kubernetes/ show it running; docs/running.md explains.
+ARG PYTHON_IMAGE=python:3.12-slim
+
+# --- build: resolve and install the package and its dependencies into a venv ----------------
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1
+WORKDIR /src
+# A venv without pip: the outer pip installs into it (--python), so neither pip nor setuptools
+# ends up in the final image. Every dependency ships manylinux wheels: no compiler needed here
+# either, and none can reach the final stage, which copies only /opt/qwen-refresher.
+RUN python -m venv --without-pip /opt/qwen-refresher
+COPY pyproject.toml README.md ./
+COPY qwen_refresher ./qwen_refresher
+RUN pip --python /opt/qwen-refresher/bin/python install --no-cache-dir --compile . \
+    && find /opt/qwen-refresher -depth -type d -name tests -path "*/site-packages/*" -exec rm -rf {} +
+
+# --- final: the slim Python runtime, the venv, an unprivileged user --------------------------
+FROM ${PYTHON_IMAGE}
+ARG APP_UID=1000
+ARG APP_GID=1000
+LABEL org.opencontainers.image.title="qwen-refresher" \
+      org.opencontainers.image.description="Keeps OpenClaw's qwen-portal OAuth tokens fresh: refresh before expiry, write back atomically, tell the gateway." \
+      org.opencontainers.image.licenses="MIT"
+
+# --non-unique: the ids must equal the gateway's, whatever the base image already uses them for.
+# The mount points are created owned by that user so that an empty named volume mounted there
+# is initialised with the right owner (Docker copies the directory's ownership into it).
+RUN groupadd --non-unique --gid "${APP_GID}" refresher \
+    && useradd --non-unique --uid "${APP_UID}" --gid "${APP_GID}" --home-dir /home/refresher \
+       --create-home --shell /usr/sbin/nologin refresher \
+    && install -d -o "${APP_UID}" -g "${APP_GID}" -m 0700 /var/lib/qwen-refresher /home/node/.openclaw
+
+COPY --from=build /opt/qwen-refresher /opt/qwen-refresher
+
+# Container defaults; any QWEN_REFRESHER_* variable or a mounted config.toml overrides them.
+# LOG_FORMAT json: one JSON object per line on stdout, for `docker logs` and log shippers.
+# LISTEN 0.0.0.0: probes (Kubernetes kubelet) arrive on the pod IP, not on loopback.
+# OPENCLAW_STATE_DIR: the same path as in the OpenClaw image, so both containers name the same
+# files the same way. No Qwen Code and no desktop in a container: those two are off.
+ENV PATH=/opt/qwen-refresher/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    HOME=/home/refresher \
+    OPENCLAW_STATE_DIR=/home/node/.openclaw \
+    QWEN_REFRESHER_STATE_DIR=/var/lib/qwen-refresher \
+    QWEN_REFRESHER_LOG_FORMAT=json \
+    QWEN_REFRESHER_LISTEN=0.0.0.0:9464 \
+    QWEN_REFRESHER_QWEN_CODE=false \
+    QWEN_REFRESHER_NOTIFY_DESKTOP=false
+
+USER ${APP_UID}:${APP_GID}
+WORKDIR /home/refresher
+EXPOSE 9464
+
+# Liveness, the one question a restart can answer: is the daemon's main loop still turning
+# (/healthz)? A profile that needs a new login is a readiness problem (/readyz, `status`), and
+# restarting the container (Swarm, autoheal) would not fix it. Reads the port from
+# QWEN_REFRESHER_LISTEN; python is in the image already, curl is not.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request as u; h, _, p = os.environ.get('QWEN_REFRESHER_LISTEN', '127.0.0.1:9464').rpartition(':'); h = {'': '127.0.0.1', '0.0.0.0': '127.0.0.1', '[::]': '[::1]', '::': '[::1]'}.get(h, h); u.urlopen(f'http://{h}:{p}/healthz', timeout=4)"]
+
+# SIGTERM (docker stop, kubelet) makes the daemon finish an in-flight write and exit 0.
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["qwen-refresher"]
+CMD ["run"]
