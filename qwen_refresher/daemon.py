@@ -30,7 +30,7 @@ from typing import Any
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from . import __version__, discovery
+from . import __version__, discovery, paths
 
 try:  # TODO-INTEGRATE
     from . import sdnotify
@@ -159,7 +159,12 @@ class Daemon:
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
             timezone=UTC,
         )
-        self.watcher = DirectoryWatcher(self._on_fs_event, force_polling=settings.poll)
+        self.watcher = DirectoryWatcher(
+            self._on_fs_event, (paths.AUTH_STORE_NAME, paths.QWEN_CREDS_NAME),
+            force_polling=settings.poll)
+        #: store path -> its profile keys, so one store's update never scans every profile
+        self.keys_by_store: dict[Path, set[ProfileKey]] = defaultdict(set)
+        self._watched: dict[Path, bool] = {}
         self.metrics: Any = None
         self.health: Any = None
         self.notifier: Any = None
@@ -250,15 +255,22 @@ class Daemon:
             infos = list(self.stores.values())
         for info in infos:
             self.read_store(info)
-        self.watcher.watch(discovery.watch_dirs(list(self.stores), discover=s.discover,
-                                                qwen_code=s.qwen_code))
+        dirs = discovery.watch_dirs(list(self.stores), discover=s.discover,
+                                    qwen_code=s.qwen_code)
+        self.watcher.watch(dirs)
+        if dirs != self._watched:
+            # A store created between our listing and the new watch would go unseen until the
+            # sweep; one more (debounced) look closes that window.
+            self._watched = dirs
+            if self.scheduler.running:
+                self._on_fs_event(Path("/"))
         self.reconcile()
 
     def _forget_store(self, path: Path) -> None:
         info = self.stores.pop(path)
         self.log.info("store_gone", store=info.store.describe())
-        for key in [k for k in self.views if k.store == path]:
-            del self.views[key]
+        for key in self.keys_by_store.pop(path, set()):
+            self.views.pop(key, None)
             self.runtime.pop(key, None)
 
     def read_store(self, info: _StoreInfo) -> None:
@@ -300,9 +312,10 @@ class Daemon:
                 # program's rotation) the margin alone decides, so a token found inside its
                 # margin is refreshed at once.
                 self.views[key] = View(store, record.creds, None, fp, issued)
-            for key in [k for k in self.views if k.store == store.path and k not in seen]:
-                del self.views[key]
+            for key in self.keys_by_store[store.path] - seen:
+                self.views.pop(key, None)
                 self.runtime.pop(key, None)
+            self.keys_by_store[store.path] = seen
 
     def _store_failed(self, info: _StoreInfo, exc: StoreError) -> None:
         if isinstance(exc, StoreUnreadable) and exc.problem == "does not exist" \
@@ -319,9 +332,9 @@ class Daemon:
                     self.metrics.store_error(str(info.store.path))
             info.error = str(exc)
             info.digest = None
-            for key, view in list(self.views.items()):
-                if key.store == info.store.path:
-                    self.views[key] = View(view.store, None, exc.problem, None, None)
+            for key in self.keys_by_store.get(info.store.path, set()):
+                if key in self.views:
+                    self.views[key] = View(self.views[key].store, None, exc.problem, None, None)
 
     def _observe_change(self, key: ProfileKey, previous: View, fp: str) -> None:
         """A profile's refresh token changed under us: decide rotation, revert or divergence.

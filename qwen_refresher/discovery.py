@@ -49,31 +49,35 @@ def watch_dirs(
     discover: bool,
     qwen_code: bool,
     env: Mapping[str, str] | None = None,
-) -> list[Path]:
-    """Directories whose changes can add, replace or remove a store.
+) -> dict[Path, bool]:
+    """Directories whose changes can add, replace or remove a store -> watch recursively?
 
     Files are never watched directly: OpenClaw, editors and we ourselves replace them, and a
-    watch on a replaced inode goes silent. The nearest existing ancestor stands in for a
-    directory that does not exist yet, so a first login is noticed without waiting for a sweep.
+    watch on a replaced inode goes silent. OpenClaw's ``agents/`` dir is watched recursively,
+    one watch for any number of agents (a watch per agent costs a thread each in watchdog).
+    The nearest existing ancestor stands in for a directory that does not exist yet, so a
+    first login is noticed without waiting for a sweep.
     """
-    wanted: list[Path] = [Path(p).parent for p in stores]
+    wanted: dict[Path, bool] = {}
     if discover:
         state = paths.openclaw_state_dir(env)
         agents = state / "agents"
-        wanted += [state, agents]
-        try:
-            wanted += [entry / "agent" for entry in agents.iterdir() if entry.is_dir()]
-            wanted += [entry for entry in agents.iterdir() if entry.is_dir()]
-        except OSError:
-            pass
-        wanted.append(paths.main_agent_dir(env))
+        if agents.is_dir():
+            wanted[agents] = True
+        else:
+            wanted[state] = False
+        wanted.setdefault(paths.main_agent_dir(env), False)
+    for store in stores:
+        wanted.setdefault(Path(store).parent, False)
     if qwen_code:
-        wanted.append(paths.qwen_home(env))
-    result: list[Path] = []
-    for directory in wanted:
+        wanted.setdefault(paths.qwen_home(env), False)
+    result: dict[Path, bool] = {}
+    for directory, recursive in wanted.items():
         existing = directory
         while not existing.is_dir() and existing != existing.parent:
             existing = existing.parent
-        if existing not in result:
-            result.append(existing)
+            recursive = False
+        if any(r and existing.is_relative_to(d) for d, r in result.items()):
+            continue  # already inside a recursive watch
+        result[existing] = result.get(existing, False) or recursive
     return result

@@ -9,12 +9,12 @@ registered with ``REDACTOR.add`` as soon as they are read or received.
 from __future__ import annotations
 
 import logging
-import re
 import sys
 import threading
 from collections.abc import MutableMapping
 from typing import Any, TextIO
 
+import ahocorasick
 import structlog
 
 SECRET_KEYS = frozenset({
@@ -22,30 +22,61 @@ SECRET_KEYS = frozenset({
     "code_verifier", "authorization", "password", "secret", "key",
 })
 MASK = "[redacted]"
+#: Secrets remembered at most (live ones are re-added on every read).
+MAX_SECRETS = 100_000
+#: Shorter strings are not treated as secrets (they would mask ordinary words).
+MIN_SECRET = 8
 
 
 class Redactor:
-    """Knows the secrets in play and scrubs them from anything about to be printed."""
+    """Knows the secrets in play and scrubs them from anything about to be printed.
+
+    A daemon with a thousand stores knows thousands of tokens, and every log line must be
+    checked against all of them, tokens that may share long prefixes (a JWT's header). An
+    Aho-Corasick automaton (pyahocorasick) finds every one of them in a single pass over the
+    line, whatever their number; it is rebuilt lazily, once per batch of new secrets.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._secrets: set[str] = set()
-        self._pattern: re.Pattern[str] | None = None
+        self._secrets: dict[str, None] = {}
+        self._automaton: Any = None
+        self._dirty = False
 
     def add(self, *secrets: str | None) -> None:
-        fresh = {s for s in secrets if s and len(s) >= 6} - self._secrets
-        if not fresh:
-            return
         with self._lock:
-            self._secrets |= fresh
-            if len(self._secrets) > 10_000:  # bounded: keep the newest we were told about
-                self._secrets = set(fresh)
-            ordered = sorted(self._secrets, key=len, reverse=True)
-            self._pattern = re.compile("|".join(re.escape(s) for s in ordered))
+            for secret in secrets:
+                if secret and len(secret) >= MIN_SECRET and secret not in self._secrets:
+                    self._secrets[secret] = None
+                    self._dirty = True
+            while len(self._secrets) > MAX_SECRETS:  # bounded: forget the oldest
+                del self._secrets[next(iter(self._secrets))]
+
+    def _current(self) -> Any:
+        with self._lock:
+            if self._dirty:
+                automaton = ahocorasick.Automaton()
+                for secret in self._secrets:
+                    automaton.add_word(secret, len(secret))
+                automaton.make_automaton()
+                self._automaton, self._dirty = automaton, False
+            return self._automaton
 
     def scrub(self, text: str) -> str:
-        pattern = self._pattern
-        return pattern.sub(MASK, text) if pattern is not None else text
+        automaton = self._current()
+        if automaton is None or len(text) < MIN_SECRET:
+            return text
+        out: list[str] = []
+        start = 0
+        for end, length in automaton.iter_long(text):
+            begin = end - length + 1
+            out.append(text[start:begin])
+            out.append(MASK)
+            start = end + 1
+        if not out:
+            return text
+        out.append(text[start:])
+        return "".join(out)
 
     def scrub_value(self, value: Any) -> Any:
         if isinstance(value, str):

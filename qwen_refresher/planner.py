@@ -17,6 +17,8 @@ from tenacity.wait import wait_base, wait_exponential_jitter
 
 #: Never schedule two refreshes of one family closer than this, whatever the token says.
 MIN_INTERVAL = 0.25
+#: One generator for the process: seeding a new one per call costs a urandom read each.
+_RNG = random.Random()
 #: The longest ``Retry-After`` we honour.
 MAX_RETRY_AFTER = 3600.0
 
@@ -41,7 +43,7 @@ def refresh_at(
     ``issued_at`` is when the token was obtained, if known (our own rotation, or the file's
     mtime for a token someone else wrote); it bounds the lifetime used for short-lived tokens.
     """
-    rng = rng or random.Random()
+    rng = rng or _RNG
     lifetime = expires_at - issued_at if issued_at is not None else None
     margin = timing.margin
     if lifetime is not None and 0 < lifetime < 2 * margin:

@@ -45,7 +45,7 @@ __all__ = [
     "parse_retry_after",
 ]
 
-DEFAULT_TOKEN_URL = "https://chat.qwen.ai/api/v1/oauth2/token"  # noqa: S105 (a URL)
+DEFAULT_TOKEN_URL = "https://chat.qwen.ai/api/v1/oauth2/token"
 DEFAULT_DEVICE_CODE_URL = "https://chat.qwen.ai/api/v1/oauth2/device/code"
 QWEN_CLIENT_ID = "f0304373b74a44d2b584a3fb70ca9e56"  # public client, no secret
 SCOPE = "openid profile email model.completion"
@@ -83,7 +83,7 @@ class TokenGrant:
     access_token: str = field(repr=False)
     refresh_token: str | None = field(repr=False)
     expires_in: float
-    token_type: str = "Bearer"  # noqa: S105 (a scheme name, not a secret)
+    token_type: str = "Bearer"
     resource_url: str | None = None
 
     def to_credentials(self, now_ms: int, previous_refresh: str) -> models.Credentials:

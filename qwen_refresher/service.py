@@ -18,9 +18,12 @@ Sandbox decisions, each one checked here rather than assumed:
   ``PrivateDevices=`` ...) works in a *user* manager only with ``PrivateUsers=yes``, i.e. an
   unprivileged user namespace. Ubuntu 23.10+ restricts those through AppArmor
   (``kernel.apparmor_restrict_unprivileged_userns=1``) and the unit would then fail to start
-  with ``226/NAMESPACE``. ``--sandbox auto`` asks the user manager itself (a throw-away
-  ``systemd-run --user`` with the same settings) and falls back to the seccomp-only ``basic``
-  sandbox when the answer is no.
+  with ``226/NAMESPACE``; some containers and VMs allow the namespace but refuse single
+  settings in it (a user manager in a container refused ``PrivateIPC=``,
+  ``ProtectKernelTunables=`` and ``ProtectKernelLogs=``). ``--sandbox auto`` asks the user
+  manager itself with throw-away ``systemd-run --user`` units and leaves out only what it
+  refuses; without user namespaces, that is the whole filesystem part (the ``basic``
+  sandbox: seccomp-based settings only).
 - ``MemoryDenyWriteExecute=`` is left off: it is inherited by the ``on_rotate`` hook, and the
   default hook is OpenClaw's CLI, a Node.js program. Under a seccomp filter equal to systemd's,
   V8 aborts at its first JIT compilation, and ``node --jitless`` dies too because undici's HTTP
@@ -29,9 +32,9 @@ Sandbox decisions, each one checked here rather than assumed:
 - ``ProtectProc=``, ``ProcSubset=``, ``ProtectControlGroups=`` and ``RemoveIPC=`` are system-only
   settings (systemd.exec(5)); a user unit gains nothing from them, so they are not listed to
   flatter the exposure score.
-- ``StateDirectory=`` is not used: before systemd 254 a user unit's state directory is
-  ``$XDG_CONFIG_HOME``, not ``~/.local/state``; the installer creates our state dir (0700) and
-  lists it in ``ReadWritePaths=`` instead.
+- ``StateDirectory=`` is not used: in systemd 252 (Debian 12) a user unit's state directory
+  is ``$XDG_CONFIG_HOME``, not ``~/.local/state`` (later versions moved it); the installer
+  creates our state dir (0700) and lists it in ``ReadWritePaths=`` instead.
 
 Stdlib only, imported only when one of the two commands runs.
 """
@@ -48,7 +51,7 @@ import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from . import paths
 from .errors import ServiceError
@@ -80,8 +83,6 @@ PASS_THROUGH_ENV = (
     "QWEN_REFRESHER_CONFIG",
     "QWEN_REFRESHER_STATE_DIR",
 )
-
-Sandbox = Literal["full", "basic"]
 
 #: Settings that need a user namespace in a user manager, in the order the unit lists them.
 #: ``--sandbox auto`` probes exactly these (see ``probe_sandbox``).
@@ -177,26 +178,15 @@ KeyringMode=private
 WantedBy=default.target
 """
 
-_NAMESPACES_FULL = """
+_NAMESPACES_HEAD = """
 # Filesystem and kernel sandbox. In a user manager these need a user namespace (PrivateUsers=).
 # The whole tree is read-only except the directories below; "-" skips one that does not exist
-# yet (it then stays read-only until the service is restarted after it appears).
-PrivateUsers=yes
-ProtectSystem=strict
-ProtectHome=read-only
-{read_write_paths}
-PrivateTmp=yes
-PrivateDevices=yes
-PrivateIPC=yes
-PrivateMounts=yes
-ProtectHostname=yes
-ProtectClock=yes
-ProtectKernelTunables=yes
-ProtectKernelModules=yes
-ProtectKernelLogs=yes
-CapabilityBoundingSet=
-AmbientCapabilities=
-"""
+# yet (it then stays read-only until the service is restarted after it appears)."""
+
+_NAMESPACES_PARTIAL = """\
+# Left out because this machine's user manager refused them in a user namespace when
+# install-service probed it (226/NAMESPACE); the rest of the sandbox works here:
+# {names}"""
 
 _NAMESPACES_BASIC = """
 # Filesystem sandbox (ProtectSystem=strict, ReadWritePaths=, PrivateTmp= ...) left out: this
@@ -204,6 +194,26 @@ _NAMESPACES_BASIC = """
 # restricts them through AppArmor). Re-run `qwen-refresher install-service --sandbox full`
 # after allowing them (kernel.apparmor_restrict_unprivileged_userns=0).
 """
+
+
+def _namespace_block(read_write: str, omitted: Sequence[str]) -> str:
+    """The namespace part of the unit: every ``NAMESPACE_SETTINGS`` entry not in ``omitted``,
+    with ``ReadWritePaths=`` right after the settings that make the tree read-only."""
+    if "PrivateUsers" in omitted:
+        return _NAMESPACES_BASIC
+    lines = [_NAMESPACES_HEAD]
+    if omitted:
+        lines.append(_NAMESPACES_PARTIAL.format(names=", ".join(f"{n}=" for n in omitted)))
+    for name, value in NAMESPACE_SETTINGS:
+        if name in omitted:
+            continue
+        lines.append(f"{name}={value}")
+        after_read_only = name == "ProtectHome" or (
+            name == "ProtectSystem" and "ProtectHome" in omitted)
+        if after_read_only and read_write:
+            lines.append(read_write)
+    return "\n".join(lines) + "\n"
+
 
 _SHIPPED_READ_WRITE = ("%h/.openclaw", "%h/.qwen", "%h/.local/state/qwen-refresher")
 
@@ -216,7 +226,8 @@ class UnitParams:
     environment: tuple[tuple[str, str], ...] = ()
     #: Directories the service may write; each is written as ``-<path>`` (missing is fine).
     read_write_paths: tuple[str, ...] = ()
-    sandbox: Sandbox = "full"
+    #: ``NAMESPACE_SETTINGS`` names to leave out; leaving out PrivateUsers leaves out all.
+    omitted: tuple[str, ...] = ()
     #: Installed units carry ``MARKER``; the shipped template does not, so a copy of it placed
     #: by hand is treated as the user's own file.
     installed: bool = True
@@ -268,11 +279,8 @@ def render_unit(params: UnitParams) -> str:
         header = _HEADER_SHIPPED
     environment = "\n".join(_environment_line(k, v, specifiers=raw)
                             for k, v in params.environment)
-    if params.sandbox == "full":
-        rw = "\n".join(_path_line(p, specifiers=raw) for p in params.read_write_paths)
-        namespaces = _NAMESPACES_FULL.format(read_write_paths=rw)
-    else:
-        namespaces = _NAMESPACES_BASIC
+    rw = "\n".join(_path_line(p, specifiers=raw) for p in params.read_write_paths)
+    namespaces = _namespace_block(rw, params.omitted)
     return header + "\n" + _BODY.format(
         gateway_unit=GATEWAY_UNIT,
         exec_start=" ".join(quote_arg(a, specifiers=raw) for a in params.exec_start),
@@ -456,12 +464,12 @@ def resolve(env: Mapping[str, str] | None = None, argv0: str | None = None) -> R
     )
 
 
-def unit_params(resolved: Resolved, sandbox: Sandbox, version: str = "") -> UnitParams:
+def unit_params(resolved: Resolved, omitted: Sequence[str] = (), version: str = "") -> UnitParams:
     return UnitParams(
         exec_start=resolved.exec_start,
         environment=tuple(resolved.environment),
         read_write_paths=tuple(str(p) for p in resolved.read_write_paths),
-        sandbox=sandbox,
+        omitted=tuple(omitted),
         installed=True,
         version=version,
     )
@@ -497,16 +505,10 @@ def _systemctl(*args: str, check: bool = True) -> subprocess.CompletedProcess[st
     return proc
 
 
-def probe_sandbox() -> tuple[bool | None, str]:
-    """Can this user manager run a unit with our namespace settings? (None: could not ask.)
-
-    Asks the manager itself rather than guessing from sysctls: a throw-away
-    ``systemd-run --user --wait`` of ``/bin/true`` with exactly ``NAMESPACE_SETTINGS``.
-    """
-    if shutil.which("systemd-run") is None:
-        return None, "systemd-run not found"
+def _try_settings(settings: Sequence[tuple[str, str]]) -> tuple[bool | None, str]:
+    """Run ``/bin/true`` in a throw-away user unit with ``settings``. None: could not ask."""
     command = ["systemd-run", "--user", "--wait", "--quiet", "--collect"]
-    for name, value in NAMESPACE_SETTINGS:
+    for name, value in settings:
         command += ["-p", f"{name}={value}"]
     command.append("/bin/true")
     try:
@@ -515,7 +517,42 @@ def probe_sandbox() -> tuple[bool | None, str]:
     except (OSError, subprocess.TimeoutExpired) as exc:
         return None, str(exc)
     detail = (proc.stderr or proc.stdout).strip()
+    if proc.returncode != 0 and "bus" in detail.lower():
+        return None, detail  # no user manager to ask: says nothing about namespaces
     return proc.returncode == 0, detail
+
+
+def probe_sandbox() -> tuple[list[str] | None, str]:
+    """Which ``NAMESPACE_SETTINGS`` this user manager refuses ([]: none; None: could not ask).
+
+    Asks the manager itself rather than guessing from sysctls. All settings at once first;
+    if that fails, PrivateUsers= alone (refused: no user namespaces, so all are out), then each
+    other setting beside it, and finally the survivors together. Containers and some VMs
+    refuse single settings (a locked /proc/sys mount, no IPC namespaces) while the rest works;
+    leaving out only those keeps the rest of the sandbox.
+    """
+    if shutil.which("systemd-run") is None:
+        return None, "systemd-run not found"
+    every = [name for name, _ in NAMESPACE_SETTINGS]
+    ok, detail = _try_settings(NAMESPACE_SETTINGS)
+    if ok is None or ok:
+        return (None if ok is None else []), detail
+    base = NAMESPACE_SETTINGS[:1]
+    ok, base_detail = _try_settings(base)
+    if not ok:
+        return every, base_detail or detail
+    refused = [name for name, value in NAMESPACE_SETTINGS[1:]
+               if _try_settings([*base, (name, value)])[0] is not True]
+    kept = [(name, value) for name, value in NAMESPACE_SETTINGS if name not in refused]
+    ok, kept_detail = _try_settings(kept)
+    if not ok:
+        return every, kept_detail or detail
+    return refused, detail
+
+
+def _preflight() -> None:
+    """Reach the user manager before touching anything, so a failure leaves no half-install."""
+    _systemctl("show", "--property=Version")
 
 
 def _lingering(user: str) -> bool:
@@ -569,28 +606,40 @@ def install(args: argparse.Namespace) -> int:
     from . import __version__
 
     resolved = resolve()
-    sandbox: Sandbox
-    if args.sandbox == "auto":
-        ok, detail = probe_sandbox()
-        if ok is False:
-            sandbox = "basic"
+    if not args.dry_run:
+        if not sys.platform.startswith("linux"):
+            raise ServiceError("systemd user services exist only on Linux; use --dry-run to "
+                               "see the unit, or run `qwen-refresher run` under your own "
+                               "supervisor")
+        _preflight()
+    every = [name for name, _ in NAMESPACE_SETTINGS]
+    omitted: list[str] = []
+    if args.sandbox == "basic":
+        omitted = every
+    elif args.sandbox == "auto":
+        refused, detail = probe_sandbox()
+        if refused is None:
+            _warn(f"could not check whether the full sandbox works here ({detail}); "
+                  "using it. If the service fails with 226/NAMESPACE, reinstall with "
+                  "--sandbox basic")
+        elif "PrivateUsers" in refused:
+            omitted = every
             _warn("this user manager cannot run sandboxed user services (user namespaces are "
                   "restricted); installing with the basic (seccomp-only) sandbox. "
                   f"systemd said: {detail or 'no details'}")
-        else:
-            sandbox = "full"
-    else:
-        sandbox = args.sandbox
-    text = render_unit(unit_params(resolved, sandbox, __version__))
+        elif refused:
+            omitted = refused
+            _warn("this user manager refuses " + ", ".join(f"{n}=" for n in refused) +
+                  " in a user service; installing the sandbox without them")
+    sandbox = ("basic" if "PrivateUsers" in omitted else
+               "full" if not omitted else "full except " + ", ".join(omitted))
+    text = render_unit(unit_params(resolved, omitted, __version__))
     if args.dry_run:
         sys.stdout.write(text)
         for warning in resolved.warnings:
             _warn(warning)
         return 0
 
-    if not sys.platform.startswith("linux"):
-        raise ServiceError("systemd user services exist only on Linux; use --dry-run to see "
-                           "the unit, or run `qwen-refresher run` under your own supervisor")
     unit_dir = Path(args.unit_dir).expanduser().absolute() if args.unit_dir \
         else default_unit_dir()
     target = unit_dir / UNIT_NAME
@@ -630,7 +679,7 @@ def install(args: argparse.Namespace) -> int:
         _out(f"Start it now and at every login: systemctl --user enable --now {UNIT_NAME}")
     for label, directory in (("OpenClaw state dir", resolved.openclaw_state_dir),
                              ("Qwen Code dir", resolved.qwen_home)):
-        if sandbox == "full" and not directory.exists():
+        if "ProtectSystem" not in omitted and not directory.exists():
             _out(f"Note: {label} {directory} does not exist yet; the service can write there "
                  "only after a restart once it does.")
     for warning in resolved.warnings:
@@ -655,6 +704,7 @@ def uninstall(args: argparse.Namespace) -> int:
     if not is_ours(existing) and not args.force:
         raise ServiceError(f"{target} was not written by qwen-refresher install-service; not "
                            "removing it. Pass --force to remove it anyway")
+    _preflight()
     stopped = _systemctl("disable", "--now", UNIT_NAME, check=False)
     if stopped.returncode != 0:
         _warn(f"`systemctl --user disable --now {UNIT_NAME}` failed: "
@@ -688,8 +738,8 @@ def add_parsers(subparsers: Any) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="print the unit and change nothing")
     p.add_argument("--sandbox", choices=["auto", "full", "basic"], default="auto",
-                   help="filesystem sandbox: auto probes whether this user manager can create "
-                        "user namespaces (default), full always, basic never")
+                   help="filesystem sandbox: auto probes which settings this user manager "
+                        "allows (default), full uses all, basic none")
     p.add_argument("--unit-dir", help="directory to write the unit to "
                                       "(default $XDG_CONFIG_HOME/systemd/user)")
     p.set_defaults(handler=install)

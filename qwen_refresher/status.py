@@ -404,6 +404,14 @@ def _changed_since(store: str, published_at: float) -> bool:
         return False
 
 
+def _expire_if_past(row: ProfileStatus, now: float) -> None:
+    """A token published as ok or due may have run out since (a stuck daemon, a suspended
+    machine): say so, rather than repeat "ok" about an expired token."""
+    if row["state"] in ("ok", "due") and row["expires_at"] is not None and \
+            row["expires_at"] <= now:
+        row["state"] = "expired"
+
+
 def refresh_expiries(profiles: list[ProfileStatus], now: float, margin: float,
                      published_at: float) -> None:
     """Show the expiry a store holds now if it was written after the last publish, in case
@@ -418,6 +426,7 @@ def refresh_expiries(profiles: list[ProfileStatus], now: float, margin: float,
         name = row["store"]
         if row["profile"] == WHOLE_STORE:
             continue
+        _expire_if_past(row, now)
         if name not in reads:
             changed = _changed_since(name, published_at)
             reads[name] = _read(_store_for(Path(name), row["store_kind"])) if changed else None

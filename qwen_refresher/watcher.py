@@ -42,30 +42,33 @@ def filesystem_type(path: Path) -> str | None:
     return best_type
 
 
-def _relevant(path: str) -> bool:
-    name = os.path.basename(path)
-    return not (name.endswith((".tmp", ".lock")) or name.startswith(".#"))
-
-
 class _Handler(FileSystemEventHandler):
-    def __init__(self, callback: Callable[[Path], None]) -> None:
+    """Passes on events for store file names and for directories; drops the rest.
+
+    A recursive watch on OpenClaw's ``agents/`` also sees session transcripts being written on
+    every message; those are dropped here, before they cost the daemon anything.
+    """
+
+    def __init__(self, callback: Callable[[Path], None], names: frozenset[str]) -> None:
         self._callback = callback
+        self._names = names
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.event_type in ("opened", "closed_no_write"):
+        if event.event_type in ("opened", "closed", "closed_no_write"):
             return
         for raw in (event.src_path, getattr(event, "dest_path", "")):
             path = os.fsdecode(raw) if raw else ""
-            if path and _relevant(path):
+            if path and (event.is_directory or os.path.basename(path) in self._names):
                 self._callback(Path(path))
 
 
 class DirectoryWatcher:
-    """Keeps one non-recursive watch per directory; ``watch()`` re-arms to a new set."""
+    """Keeps one watch per directory; ``watch()`` re-arms to a new set."""
 
-    def __init__(self, callback: Callable[[Path], None], *, force_polling: bool = False,
-                 poll_interval: float = 2.0) -> None:
+    def __init__(self, callback: Callable[[Path], None], names: Iterable[str], *,
+                 force_polling: bool = False, poll_interval: float = 2.0) -> None:
         self._callback = callback
+        self._names = frozenset(names)
         self._force_polling = force_polling
         self._poll_interval = poll_interval
         self._native: Any = None
@@ -90,21 +93,22 @@ class DirectoryWatcher:
             return self._polling
         return self._native
 
-    def watch(self, directories: Iterable[Path]) -> None:
-        wanted = {Path(d) for d in directories}
+    def watch(self, directories: dict[Path, bool]) -> None:
+        """Watch exactly these directories (value: recursively?), re-arming what changed."""
+        wanted = dict(directories)
         for directory in list(self._watches):
-            if directory not in wanted:
-                observer, watch = self._watches.pop(directory)
+            if wanted.get(directory) != self._watches[directory][2]:
+                observer, watch, _ = self._watches.pop(directory)
                 with contextlib.suppress(KeyError, OSError):
                     observer.unschedule(watch)
                 self.mode.pop(directory, None)
-        for directory in wanted - set(self._watches):
-            if not directory.is_dir():
+        for directory, recursive in wanted.items():
+            if directory in self._watches or not directory.is_dir():
                 continue
             observer = self._observer(directory)
+            handler = _Handler(self._callback, self._names)
             try:
-                watch = observer.schedule(_Handler(self._callback), str(directory),
-                                          recursive=False)
+                watch = observer.schedule(handler, str(directory), recursive=recursive)
             except OSError:
                 # inotify watch limit reached, or similar: poll this one instead.
                 if observer is self._polling:
@@ -112,11 +116,10 @@ class DirectoryWatcher:
                 self._force_polling = True
                 observer = self._observer(directory)
                 try:
-                    watch = observer.schedule(_Handler(self._callback), str(directory),
-                                              recursive=False)
+                    watch = observer.schedule(handler, str(directory), recursive=recursive)
                 except OSError:
                     continue
-            self._watches[directory] = (observer, watch)
+            self._watches[directory] = (observer, watch, recursive)
             self.mode[directory] = "polling" if observer is self._polling else "inotify"
 
     def stop(self) -> None:

@@ -4,6 +4,7 @@
 # there, a run takes milliseconds and downloads nothing.
 #
 #   scripts/install-openclaw.sh            install (or confirm the install); prints its paths
+#   scripts/install-openclaw.sh --check    only confirm: exit 3 when not installed
 #   scripts/install-openclaw.sh --force    reinstall from scratch
 #
 # Env: OPENCLAW_INTEROP_DIR  install folder (default: <repo>/.openclaw-interop)
@@ -32,12 +33,16 @@ installed() {
 
 done_msg() {
   say "$1 in $dir ($(sed -n 2p "$stamp"))"
-  printf 'NODE=%s\nOPENCLAW=%s\n' "$node_bin" "$openclaw_entry"
+  printf 'DIR=%s\nNODE=%s\nOPENCLAW=%s\n' "$dir" "$node_bin" "$openclaw_entry"
 }
 
 if [ "${1:-}" != "--force" ] && installed; then
   done_msg "already installed"
   exit 0
+fi
+if [ "${1:-}" = "--check" ]; then
+  say "OpenClaw $openclaw_version is not installed in $dir"
+  exit 3
 fi
 
 case "$(uname -s)-$(uname -m)" in

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -22,6 +23,7 @@ from qwen_refresher.testing.fake_qwen import (
     DEVICE_GRANT_TYPE,
     QWEN_CLIENT_ID,
     FakeQwen,
+    FakeQwenConfig,
     FakeQwenControl,
     FakeQwenProcess,
     pkce_challenge,
@@ -31,13 +33,24 @@ REJECTION = {"error": "invalid_request", "error_description": "Invalid refresh t
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def fake() -> Iterator[FakeQwen]:
-    with FakeQwen(lifetime=60) as server:
+DEFAULTS = FakeQwenConfig(lifetime=60)
+
+
+@pytest.fixture(scope="module")
+def shared_fake() -> Iterator[FakeQwen]:
+    with FakeQwen(DEFAULTS) as server:
         yield server
 
 
 @pytest.fixture
+def fake(shared_fake: FakeQwen) -> FakeQwen:
+    """One server per module (starting dozens is slow on a busy box), pristine for each test."""
+    shared_fake.reset()
+    shared_fake.configure(**dataclasses.asdict(DEFAULTS))
+    return shared_fake
+
+
+@pytest.fixture(scope="module")
 def http() -> Iterator[httpx.Client]:
     with httpx.Client(timeout=5, trust_env=False) as client:
         yield client
@@ -162,15 +175,15 @@ def test_refresh_token_lifetime(fake: FakeQwen, http: httpx.Client) -> None:
     assert fake.refresh_requests()[-1].outcome == "expired"
 
 
-def test_concurrent_refresh_of_one_token_has_exactly_one_winner(fake: FakeQwen) -> None:
+def test_concurrent_refresh_of_one_token_has_exactly_one_winner(
+        fake: FakeQwen, http: httpx.Client) -> None:
     _, token, _ = fake.issue_tokens()
     statuses: list[int] = []
     barrier = threading.Barrier(12)
 
     def worker() -> None:
-        with httpx.Client(timeout=5, trust_env=False) as client:
-            barrier.wait()
-            statuses.append(refresh(client, fake, token).status_code)
+        barrier.wait()
+        statuses.append(refresh(http, fake, token).status_code)
 
     threads = [threading.Thread(target=worker) for _ in range(12)]
     for t in threads:
@@ -576,6 +589,17 @@ def test_stop_closes_idle_connections_at_once() -> None:
         fake.stop()
         assert idle.recv(1) == b""
         assert time.monotonic() - started < 2
+
+
+def test_keepalive_requests_are_fast_enough_for_benchmarks(http: httpx.Client) -> None:
+    """Headers and body leave in two writes; with Nagle on, each answer stalls ~40 ms."""
+    with FakeQwen(rotate=False) as fake:
+        _, token, _ = fake.issue_tokens()
+        refresh(http, fake, token)
+        started = time.monotonic()
+        for _ in range(40):
+            refresh(http, fake, token)
+        assert time.monotonic() - started < 1.2
 
 
 def test_state_is_json_serialisable(fake: FakeQwen) -> None:

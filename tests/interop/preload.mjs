@@ -31,7 +31,6 @@ function isLoopbackHost(host) {
   const h = String(host).toLowerCase().replace(/^\[|\]$/g, "");
   return (
     h === "localhost" ||
-    h.endsWith(".localhost") ||
     h === "::1" ||
     h === "0:0:0:0:0:0:0:1" ||
     /^127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(h) ||

@@ -3,6 +3,8 @@ disk (its bug in 2026.3.24); the daemon then asks for a login once, and a login 
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from qwen_refresher.testing.fake_qwen import FakeQwen, IssuedTokens
@@ -69,10 +71,12 @@ def test_openclaw_locks_itself_out_and_the_daemon_asks_for_one_login(
         assert row["state"] == "needs_login"
         assert row["login_command"] == LOGIN_COMMAND
         assert status["exit_code"] == 2
-        # Rather than looping: one attempt with the dead token, then silence.
+        # Rather than looping: one attempt with the dead token, then silence (a retry loop
+        # would show within its first back-off, 1 s).
         seen = len(fake.refresh_requests())
         daemon_tries = [r for r in fake.refresh_requests() if r.user_agent != OPENCLAW_USER_AGENT]
         assert [(r.refresh_token, r.outcome) for r in daemon_tries] == [(dead, "reused")]
+        time.sleep(2)
 
         # `qwen-refresher login` (device code; the fake approves at the first poll).
         fake.configure(auto_approve_after=0, device_interval=0.2)

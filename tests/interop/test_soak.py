@@ -10,7 +10,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
 
 import pytest
 
@@ -48,7 +48,7 @@ OTHER = {"type": "api_key", "provider": "anthropic", "key": "sk-ant-interop"}
 class Watcher:
     """Reads the store every few milliseconds, as a third program would, and keeps what it saw."""
 
-    path: Any
+    path: Path
     seen: list[tuple[str, str, int]] = field(default_factory=list)  # (access, refresh, expires)
     torn: list[int] = field(default_factory=list)  # sizes of reads that were not JSON
     other_changed: int = 0
@@ -77,6 +77,7 @@ class Watcher:
                 self.other_changed += 1
 
 
+@pytest.mark.timeout(SOAK_SECONDS + 180)
 def test_bookkeeping_and_rotations_interleaved_for_a_minute(
         openclaw: OpenClaw, oc: OpenClawHome, fake: FakeQwen) -> None:
     fake.configure(lifetime=LIFETIME)

@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import io
+import json
+import time
+
+from qwen_refresher import logsetup
+from qwen_refresher.logsetup import MASK, Redactor
+
+
+def test_known_tokens_are_scrubbed_anywhere_in_a_string() -> None:
+    r = Redactor()
+    r.add("fakeref-abcdefghijkl", "fakeacc-0123456789", None, "")
+    text = "body refresh_token=fakeref-abcdefghijkl&x=1 Bearer fakeacc-0123456789."
+    assert r.scrub(text) == f"body refresh_token={MASK}&x=1 Bearer {MASK}."
+
+
+def test_overlapping_prefixes_take_the_longest_secret() -> None:
+    r = Redactor()
+    r.add("samepref-short", "samepref-short-and-longer")
+    assert r.scrub("x samepref-short-and-longer y") == f"x {MASK} y"
+
+
+def test_secret_keys_are_masked_and_nested_values_scrubbed() -> None:
+    r = Redactor()
+    r.add("tok-123456789")
+    event = r(None, "info", {"event": "e", "refresh": "anything", "detail": {
+        "access_token": "z", "note": ["see tok-123456789"]}, "err": ValueError("tok-123456789")})
+    assert event["refresh"] == MASK
+    assert event["detail"] == {"access_token": MASK, "note": [f"see {MASK}"]}
+    assert event["err"] == f"ValueError: {MASK}"
+
+
+def test_scrubbing_stays_fast_with_thousands_of_secrets() -> None:
+    r = Redactor()
+    r.add(*[f"fakeref-{i:032d}" for i in range(20_000)])
+    line = "x" * 300 + " fakeref-" + f"{12345:032d}"
+    start = time.perf_counter()
+    for _ in range(200):
+        out = r.scrub(line)
+    per_line = (time.perf_counter() - start) / 200
+    assert out.endswith(MASK)
+    assert per_line < 0.005, f"{per_line * 1000:.2f} ms per line"
+
+
+def test_configured_json_logs_are_redacted() -> None:
+    stream = io.StringIO()
+    logsetup.configure(fmt="json", level="info", stream=stream)
+    logsetup.REDACTOR.add("leaky-token-value-1234")
+    logsetup.get_logger().info("something", detail="got leaky-token-value-1234 back")
+    line = json.loads(stream.getvalue().strip().splitlines()[-1])
+    assert line["detail"] == f"got {MASK} back"
