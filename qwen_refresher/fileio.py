@@ -157,8 +157,21 @@ def atomic_write(
 
 
 def ensure_private_dir(directory: Path) -> None:
-    """Create ``directory`` (and parents) with mode 0700, as OpenClaw and Qwen Code do."""
-    try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StoreWriteError(directory, f"cannot create directory: {exc.strerror}") from None
+    """Create ``directory`` and every missing parent with mode 0700, as OpenClaw does.
+
+    ``Path.mkdir(parents=True, mode=...)`` applies the mode to the last directory only (the
+    parents get the umask's 0755), so each level is made here; existing ones are left as
+    they are.
+    """
+    missing: list[Path] = []
+    current = directory
+    while not current.is_dir() and current != current.parent:
+        missing.append(current)
+        current = current.parent
+    for path in reversed(missing):
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise StoreWriteError(path, f"cannot create directory: {exc.strerror}") from None

@@ -35,6 +35,7 @@ from typing import Any, TextIO
 from . import discovery, paths
 from .config import Settings, load_settings
 from .errors import DeviceFlowError, LockTimeout, QwenRefresherError, StoreError, StoreWriteError
+from .fileio import ensure_private_dir
 from .hooks import HookResult, resolve_on_rotate, run_hook
 from .logsetup import REDACTOR
 from .models import QWEN_PROVIDER, Credentials, ProfileKey, fingerprint
@@ -145,30 +146,9 @@ def write_login(
     return written
 
 
-def make_private_dirs(directory: Path) -> None:
-    """Create ``directory`` and every missing parent with mode 0700, as OpenClaw does.
-
-    ``Path.mkdir(parents=True, mode=...)`` applies the mode to the last directory only (the
-    parents get the umask's 0755), so each level is made here; existing ones are left as
-    they are.
-    """
-    missing: list[Path] = []
-    current = directory
-    while not current.is_dir() and current != current.parent:
-        missing.append(current)
-        current = current.parent
-    for path in reversed(missing):
-        try:
-            path.mkdir(mode=0o700)
-        except FileExistsError:
-            continue
-        except OSError as exc:
-            raise StoreWriteError(path, f"cannot create directory: {exc.strerror}") from None
-
-
 def _write_one(store: Store, profiles: list[str], creds: Credentials, lock_timeout: float) -> None:
     # The lock file lives in the store's directory, which a first login may have to create.
-    make_private_dirs(store.path.parent)
+    ensure_private_dir(store.path.parent)
     try:
         lock = store.lock(timeout=lock_timeout)
         with lock.held():

@@ -129,3 +129,14 @@ def test_unreadable_file_says_permission_denied(tmp_path: Path) -> None:
         return
     with pytest.raises(StoreUnreadable, match="permission denied"):
         read_store_file(path)
+
+
+def test_every_directory_we_create_is_0700(tmp_path: Path) -> None:
+    from qwen_refresher.fileio import ensure_private_dir
+
+    (tmp_path / "exists").mkdir(mode=0o755)
+    target = tmp_path / "exists" / "a" / "b" / "c"
+    ensure_private_dir(target)
+    assert stat.S_IMODE((tmp_path / "exists").stat().st_mode) == 0o755, "existing dirs untouched"
+    for part in ("a", "a/b", "a/b/c"):
+        assert stat.S_IMODE((tmp_path / "exists" / part).stat().st_mode) == 0o700
