@@ -30,11 +30,42 @@ def store_paths(
     if discover:
         for path in paths.discover_openclaw_stores(env):
             out.setdefault(path.absolute(), OpenClawStore.kind)
+        for agent_dir in configured_agent_dirs(env):
+            store = agent_dir / paths.AUTH_STORE_NAME
+            if os.path.lexists(store):
+                out.setdefault(store.absolute(), OpenClawStore.kind)
     if qwen_code:
         creds = paths.qwen_code_creds(env)
         if os.path.lexists(creds):
             out.setdefault(creds.absolute(), QwenCodeStore.kind)
     return list(out.items())
+
+
+def configured_agent_dirs(env: Mapping[str, str] | None = None) -> list[Path]:
+    """Agent dirs set in ``openclaw.json`` (``agents.list[].agentDir``), which may live anywhere.
+
+    OpenClaw's config is JSON5, hence the json5 parser. A config we cannot read adds nothing:
+    the layout under ``<state>/agents`` still covers every agent without an override.
+    """
+    config = paths.openclaw_config_file(env)
+    try:
+        text = config.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return []
+    import json5
+
+    try:
+        doc = json5.loads(text)
+    except ValueError:
+        return []
+    agents = doc.get("agents") if isinstance(doc, dict) else None
+    entries = agents.get("list") if isinstance(agents, dict) else None
+    found: list[Path] = []
+    for entry in entries if isinstance(entries, list) else []:
+        raw = entry.get("agentDir") if isinstance(entry, dict) else None
+        if isinstance(raw, str) and raw.strip():
+            found.append(paths.expand_user_path(raw, env))
+    return found
 
 
 def open_store(path: Path, kind: str) -> Store:
@@ -67,6 +98,8 @@ def watch_dirs(
         else:
             wanted[state] = False
         wanted.setdefault(paths.main_agent_dir(env), False)
+        for agent_dir in configured_agent_dirs(env):
+            wanted.setdefault(agent_dir, False)
     for store in stores:
         wanted.setdefault(Path(store).parent, False)
     if qwen_code:

@@ -29,6 +29,11 @@ def _expand(raw: str, env: Mapping[str, str]) -> Path:
     return Path(raw).absolute()
 
 
+def expand_user_path(raw: str, env: Mapping[str, str] | None = None) -> Path:
+    """OpenClaw's ``resolveUserPath``: ``~`` is the OpenClaw home, relative paths are absolute."""
+    return _expand(raw, _env(env))
+
+
 def openclaw_home(env: Mapping[str, str] | None = None) -> Path:
     """``$OPENCLAW_HOME`` replaces ``~`` in every OpenClaw path; else the user's home."""
     e = _env(env)
@@ -71,6 +76,19 @@ def main_agent_dir(env: Mapping[str, str] | None = None) -> Path:
         if value:
             return _expand(value, e)
     return openclaw_state_dir(e) / "agents" / DEFAULT_AGENT_ID / "agent"
+
+
+def openclaw_config_file(env: Mapping[str, str] | None = None) -> Path:
+    """``$OPENCLAW_CONFIG_PATH``, else ``openclaw.json`` (or a legacy name) in the state dir."""
+    e = _env(env)
+    override = e.get("OPENCLAW_CONFIG_PATH", "").strip()
+    if override:
+        return _expand(override, e)
+    state = openclaw_state_dir(e)
+    for name in ("openclaw.json", "clawdbot.json", "moldbot.json"):
+        if (state / name).exists():
+            return state / name
+    return state / "openclaw.json"
 
 
 def discover_openclaw_stores(env: Mapping[str, str] | None = None) -> list[Path]:

@@ -1,0 +1,476 @@
+"""The bad-input corpus: hostile or broken stores and configurations, and what the daemon must
+say about each. ``docs/bad-input.md`` is generated from these lists::
+
+    .venv/bin/python -m tests.reliability.corpus     # rewrite docs/bad-input.md
+
+and ``test_bad_input.py::test_the_docs_table_matches_the_cases`` fails when they disagree.
+
+A store case builds one ``auth-profiles.json`` (or Qwen Code's ``oauth_creds.json``) that the
+daemon must refuse with ``expect`` in its ``store_invalid`` error or ``profile_invalid``
+problem, leaving the file byte-identical, while a healthy profile beside it is served. A config
+case is one ``qwen-refresher run`` that must exit 78 with one line on stderr naming ``setting``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+DOC = ROOT / "docs" / "bad-input.md"
+
+Tokens = Callable[[], tuple[str, str, int]]
+"""A fresh (access, refresh, expires_ms) from the fake, so leaks of bad files' tokens show."""
+
+
+@dataclass(frozen=True)
+class StoreCase:
+    name: str
+    what: str
+    expect: str
+    event: str  # "store_invalid" or "profile_invalid"
+    build: Callable[[Path, Tokens, Path], None]  # (store path, tokens, a dir outside agents)
+    #: Run alone (its own daemon): the case used to take the whole daemon down.
+    isolated: bool = False
+    #: Needs a daemon that is not root (root reads any file).
+    needs_non_root: bool = False
+    kind: str = "openclaw"
+    bug: str | None = None  # set while the daemon gets this case wrong (xfail, strict)
+
+
+@dataclass(frozen=True)
+class ConfigCase:
+    name: str
+    what: str
+    setting: str
+    expect: str
+    args: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    toml: bytes | None = None
+    bug: str | None = None
+
+
+# -- store builders ---------------------------------------------------------------------------
+
+
+def _profile(tokens: Tokens, **changes: Any) -> dict[str, Any]:
+    access, refresh, expires = tokens()
+    entry: dict[str, Any] = {"type": "oauth", "provider": "qwen-portal", "access": access,
+                             "refresh": refresh, "expires": expires}
+    for key, value in changes.items():
+        if value is _DROP:
+            entry.pop(key, None)
+        else:
+            entry[key] = value
+    return entry
+
+
+_DROP = object()
+
+
+def _store(profile: Any) -> dict[str, Any]:
+    return {"version": 1, "profiles": {
+        "anthropic:default": {"type": "api_key", "provider": "anthropic", "key": "sk-ant-x"},
+        "qwen-portal:default": profile}}
+
+
+def _dump(doc: Any) -> bytes:
+    return (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode()
+
+
+def _write(data: bytes) -> Callable[[Path, Tokens, Path], None]:
+    def build(path: Path, tokens: Tokens, outside: Path) -> None:
+        path.write_bytes(data)
+
+    return build
+
+
+def _doc(make: Callable[[Tokens], Any]) -> Callable[[Path, Tokens, Path], None]:
+    def build(path: Path, tokens: Tokens, outside: Path) -> None:
+        path.write_bytes(_dump(make(tokens)))
+
+    return build
+
+
+def _raw(make: Callable[[Tokens], bytes]) -> Callable[[Path, Tokens, Path], None]:
+    def build(path: Path, tokens: Tokens, outside: Path) -> None:
+        path.write_bytes(make(tokens))
+
+    return build
+
+
+def _valid(tokens: Tokens) -> bytes:
+    return _dump(_store(_profile(tokens)))
+
+
+def _symlink_outside(path: Path, tokens: Tokens, outside: Path) -> None:
+    target = outside / f"{path.parent.parent.name}.json"
+    target.write_bytes(_valid(tokens))
+    os.symlink(target, path)
+
+
+def _symlink_device(path: Path, tokens: Tokens, outside: Path) -> None:
+    os.symlink("/dev/zero", path)
+
+
+def _symlink_loop(path: Path, tokens: Tokens, outside: Path) -> None:
+    os.symlink(path.name, path)
+
+
+def _fifo(path: Path, tokens: Tokens, outside: Path) -> None:
+    os.mkfifo(path, 0o600)
+
+
+def _directory(path: Path, tokens: Tokens, outside: Path) -> None:
+    path.mkdir(mode=0o700)
+    (path / "inside.json").write_bytes(_valid(tokens))
+
+
+def _unreadable(path: Path, tokens: Tokens, outside: Path) -> None:
+    path.write_bytes(_valid(tokens))
+    path.chmod(0)
+
+
+def _big(path: Path, tokens: Tokens, outside: Path) -> None:
+    head = _valid(tokens)[:-2] + b', "padding": "'
+    with path.open("wb") as fh:
+        fh.write(head)
+        chunk = b"x" * (1 << 20)
+        for _ in range(50):
+            fh.write(chunk)
+        fh.write(b'"}\n')
+
+
+def _qwen_doc(tokens: Tokens, **changes: Any) -> dict[str, Any]:
+    access, refresh, expires = tokens()
+    doc: dict[str, Any] = {"access_token": access, "token_type": "Bearer",
+                           "refresh_token": refresh, "resource_url": "portal.qwen.ai",
+                           "expiry_date": expires}
+    doc.update(changes)
+    return doc
+
+
+def _utf16(tokens: Tokens) -> bytes:
+    return _valid(tokens).decode().encode("utf-16")
+
+
+def _latin1(tokens: Tokens) -> bytes:
+    profile = _profile(tokens)
+    profile["email"] = "ren\u00e9@example.com"
+    return _dump(_store(profile)).decode().encode("latin-1")
+
+
+def _duplicate_refresh(tokens: Tokens) -> bytes:
+    access, refresh, expires = tokens()
+    _, other, _ = tokens()
+    return ('{"version": 1, "profiles": {"qwen-portal:default": {"type": "oauth", '
+            '"provider": "qwen-portal", "access": "%s", "refresh": "%s", "refresh": "%s", '
+            '"expires": %d}}}\n' % (access, refresh, other, expires)).encode()
+
+
+def _duplicate_profile(tokens: Tokens) -> bytes:
+    one = json.dumps(_profile(tokens))
+    two = json.dumps(_profile(tokens))
+    return ('{"version": 1, "profiles": {"qwen-portal:default": %s, '
+            '"qwen-portal:default": %s}}\n' % (one, two)).encode()
+
+
+def _deep(tokens: Tokens) -> bytes:
+    depth = 100_000
+    return (b'{"version": 1, "profiles": {}, "x": ' + b"[" * depth + b"]" * depth + b"}\n")
+
+
+def _truncated(tokens: Tokens) -> bytes:
+    data = _valid(tokens)
+    return data[: len(data) * 2 // 3]
+
+
+def _huge_number(tokens: Tokens) -> bytes:
+    return _valid(tokens).replace(b'"version": 1', b'"version": ' + b"9" * 5000)
+
+
+def _nan_elsewhere(tokens: Tokens) -> bytes:
+    doc = _store(_profile(tokens))
+    doc["usageStats"] = {"qwen-portal:default": {"lastUsed": "NAN_HERE"}}
+    return _dump(doc).replace(b'"NAN_HERE"', b"NaN")
+
+
+def _surrogate(tokens: Tokens) -> bytes:
+    access, refresh, expires = tokens()
+    return _dump(_store(_profile(lambda: (access, "\\ud800" + refresh, expires)))) \
+        .replace(b"\\\\ud800", b"\\ud800")
+
+
+def _bom(tokens: Tokens) -> bytes:
+    return b"\xef\xbb\xbf" + _valid(tokens)
+
+
+def _nul(tokens: Tokens) -> bytes:
+    data = _valid(tokens)
+    return data[:40] + b"\x00" * 16 + data[40:]
+
+
+def _comments(tokens: Tokens) -> bytes:
+    return b"// written by hand\n" + _valid(tokens)
+
+
+def _single_quotes(tokens: Tokens) -> bytes:
+    return _valid(tokens).replace(b'"', b"'")
+
+
+def _trailing(tokens: Tokens) -> bytes:
+    return _valid(tokens) + b"}\n"
+
+
+def _huge_token(tokens: Tokens) -> Any:
+    return _store(_profile(tokens, refresh="fakeref-" + "R" * (1 << 20)))
+
+
+BUG_HUGE_TOKEN = ("BUG: a 1 MiB refresh token is accepted (stores/openclaw.py _record has no "
+                  "length limit) and registering it with the Aho-Corasick redactor "
+                  "(logsetup.Redactor._current, uncommitted) segfaults the daemon")
+BUG_LOOP = ("BUG: fileio.resolve_confined lets Path.resolve()'s RuntimeError('Symlink loop') "
+            "escape (Python < 3.13): daemon.read_store does not catch it and the daemon dies")
+BUG_BIG_INT = ("BUG: stores/base.parse_json_document lets json.loads' ValueError (int over "
+               "4300 digits) escape as a non-StoreError: the daemon dies at start-up")
+BUG_SURROGATE = ("BUG: a lone surrogate (\\ud800) in a refresh token is accepted; "
+                 "models.fingerprint's encode('utf-8') raises UnicodeEncodeError inside "
+                 "daemon.read_store and the daemon dies")
+BUG_NAN = ("BUG: stores/base.parse_json_document accepts NaN/Infinity (json.loads does, "
+           "OpenClaw's JSON.parse does not): a store OpenClaw cannot read is served silently")
+
+STORE_CASES: list[StoreCase] = [
+    StoreCase("empty", "empty file (0 bytes)", "is empty", "store_invalid", _write(b"")),
+    StoreCase("whitespace", "only whitespace", "is empty", "store_invalid", _write(b" \n\t\n")),
+    StoreCase("truncated", "truncated JSON (a write cut short)", "is not valid JSON",
+              "store_invalid", _raw(_truncated)),
+    StoreCase("bom", "UTF-8 byte-order mark before the JSON", "byte-order mark",
+              "store_invalid", _raw(_bom)),
+    StoreCase("nul", "NUL bytes inside", "contains NUL bytes", "store_invalid", _raw(_nul)),
+    StoreCase("utf16", "saved as UTF-16", "contains NUL bytes", "store_invalid", _raw(_utf16)),
+    StoreCase("latin1", "not UTF-8 (Latin-1 é)", "is not valid UTF-8", "store_invalid",
+              _raw(_latin1)),
+    StoreCase("big", "50 MB file", "larger than the 4194304-byte limit", "store_invalid", _big),
+    StoreCase("deep", "100 000 levels of nesting", "nests deeper than 64 levels",
+              "store_invalid", _raw(_deep)),
+    StoreCase("comments", "JSON with a // comment", "is not valid JSON", "store_invalid",
+              _raw(_comments)),
+    StoreCase("single-quotes", "single-quoted strings", "is not valid JSON", "store_invalid",
+              _raw(_single_quotes)),
+    StoreCase("trailing", "a second closing brace after the document", "is not valid JSON",
+              "store_invalid", _raw(_trailing)),
+    StoreCase("duplicate-key", "the key \"refresh\" twice in one profile",
+              "has the key 'refresh' twice", "store_invalid", _raw(_duplicate_refresh)),
+    StoreCase("duplicate-profile", "the profile id twice in \"profiles\"",
+              "has the key 'qwen-portal:default' twice", "store_invalid",
+              _raw(_duplicate_profile)),
+    StoreCase("top-list", "a JSON array at the top", "holds a JSON list, not an object",
+              "store_invalid", _doc(lambda t: [_store(_profile(t))])),
+    StoreCase("top-null", "JSON null", "not an object", "store_invalid", _write(b"null\n")),
+    StoreCase("profiles-list", "\"profiles\" is an array", "\"profiles\" is a list",
+              "store_invalid", _doc(lambda t: {"version": 1, "profiles": [_profile(t)]})),
+    StoreCase("profile-string", "the qwen profile is a string",
+              "is a str, expected an object", "profile_invalid",
+              _doc(lambda t: _store("qwen-portal"))),
+    StoreCase("refresh-missing", "no \"refresh\"", "refresh is missing", "profile_invalid",
+              _doc(lambda t: _store(_profile(t, refresh=_DROP)))),
+    StoreCase("refresh-empty", "\"refresh\": \"\"", "refresh is empty", "profile_invalid",
+              _doc(lambda t: _store(_profile(t, refresh="")))),
+    StoreCase("refresh-number", "\"refresh\" is a number", "refresh is a int",
+              "profile_invalid", _doc(lambda t: _store(_profile(t, refresh=12345)))),
+    StoreCase("access-number", "\"access\" is a number", "access is a int, expected a string",
+              "profile_invalid", _doc(lambda t: _store(_profile(t, access=12345)))),
+    StoreCase("expires-seconds", "\"expires\" in seconds", "looks like seconds",
+              "profile_invalid", _doc(lambda t: _store(_profile(t, expires=1772812345)))),
+    StoreCase("expires-negative", "\"expires\" negative", "expires is negative",
+              "profile_invalid", _doc(lambda t: _store(_profile(t, expires=-1)))),
+    StoreCase("expires-string", "\"expires\" as a string of digits",
+              "expires is a str, expected milliseconds", "profile_invalid",
+              _doc(lambda t: _store(_profile(t, expires="1772812345678")))),
+    StoreCase("expires-missing", "no \"expires\"", "expires is missing", "profile_invalid",
+              _doc(lambda t: _store(_profile(t, expires=_DROP)))),
+    StoreCase("expires-bool", "\"expires\": true", "expires is a bool", "profile_invalid",
+              _doc(lambda t: _store(_profile(t, expires=True)))),
+    StoreCase("expires-far", "\"expires\" in the year 3000",
+              "too far in the future", "profile_invalid",
+              _doc(lambda t: _store(_profile(t, expires=32503680000000)))),
+    StoreCase("expires-infinite", "\"expires\": 1e400 (infinity)",
+              "expires is not a finite number", "profile_invalid",
+              _raw(lambda t: _dump(_store(_profile(t, expires="INF_HERE")))
+                   .replace(b'"INF_HERE"', b"1e400"))),
+    StoreCase("symlink-outside", "symlink to a store outside the agent dir",
+              "outside", "store_invalid", _symlink_outside),
+    StoreCase("symlink-device", "symlink to /dev/zero", "outside", "store_invalid",
+              _symlink_device),
+    StoreCase("fifo", "a FIFO", "is not a regular file", "store_invalid", _fifo),
+    StoreCase("directory", "a directory", "is a directory, not a file", "store_invalid",
+              _directory),
+    StoreCase("unreadable", "mode 000 (daemon not root)", "permission denied",
+              "store_invalid", _unreadable, needs_non_root=True),
+    StoreCase("qwen-code-seconds", "Qwen Code's oauth_creds.json, expiry_date in seconds",
+              "expiry_date looks like seconds", "profile_invalid",
+              _doc(lambda t: _qwen_doc(t, expiry_date=1772812345)), kind="qwen-code"),
+    StoreCase("nan-elsewhere", "NaN in usageStats (JSON.parse refuses it)",
+              "is not valid JSON", "store_invalid", _raw(_nan_elsewhere), isolated=True,
+              bug=BUG_NAN),
+    StoreCase("symlink-loop", "a symlink pointing at itself", "symlink", "store_invalid",
+              _symlink_loop, isolated=True, bug=BUG_LOOP),
+    StoreCase("huge-number", "a 5000-digit number", "is not valid JSON", "store_invalid",
+              _raw(_huge_number), isolated=True, bug=BUG_BIG_INT),
+    StoreCase("lone-surrogate", "a lone UTF-16 surrogate (\\ud800) in the refresh token",
+              "refresh", "profile_invalid", _raw(_surrogate), isolated=True,
+              bug=BUG_SURROGATE),
+    StoreCase("huge-token", "a 1 MiB refresh token", "refresh", "profile_invalid",
+              _doc(_huge_token), isolated=True, bug=BUG_HUGE_TOKEN),
+]
+
+PUBLIC_HTTP = "http://chat.qwen.ai/api/v1/oauth2/token"
+BUG_TOML_UTF8 = ("BUG: config._check_toml catches TOMLDecodeError and OSError but not the "
+                 "UnicodeDecodeError tomllib raises for non-UTF-8 bytes: traceback, exit 1")
+
+CONFIG_CASES: list[ConfigCase] = [
+    ConfigCase("toml-syntax", "config file is not TOML", "config", "not valid TOML",
+               toml=b"margin = [unclosed\n"),
+    ConfigCase("toml-unknown-key", "a misspelt key in the file", "marginn", "unknown setting",
+               toml=b"marginn = 60\n"),
+    ConfigCase("toml-not-utf8", "config file in Latin-1", "config", "config.toml",
+               toml=b'on_rotate = "caf\xe9"\n', bug=BUG_TOML_UTF8),
+    ConfigCase("toml-wrong-type", "margin = true", "margin", "duration",
+               toml=b"margin = true\n"),
+    ConfigCase("toml-stores-type", "stores = 5", "stores", "stores", toml=b"stores = 5\n"),
+    ConfigCase("toml-state-dir-type", "state_dir = 5", "state_dir", "path",
+               toml=b"state_dir = 5\n"),
+    ConfigCase("toml-workers-zero", "max_concurrent_refreshes = 0",
+               "max_concurrent_refreshes", "greater than or equal to 1",
+               toml=b"max_concurrent_refreshes = 0\n"),
+    ConfigCase("toml-workers-text", "max_concurrent_refreshes = \"many\"",
+               "max_concurrent_refreshes", "integer",
+               toml=b'max_concurrent_refreshes = "many"\n'),
+    ConfigCase("toml-log-level", "log_level = \"loud\"", "log_level", "debug",
+               toml=b'log_level = "loud"\n'),
+    ConfigCase("toml-hook-type", "on_rotate = 5", "on_rotate", "command line",
+               toml=b"on_rotate = 5\n"),
+    ConfigCase("toml-device-url-http", "device_code_url on http to a public host",
+               "device_code_url", "clear text",
+               toml=b'device_code_url = "http://chat.qwen.ai/api/v1/oauth2/device/code"\n'),
+    ConfigCase("config-missing", "--config names a missing file", "config", "cannot be read",
+               args=("--config", "{dir}/missing.toml")),
+    ConfigCase("config-directory", "--config names a directory", "config", "cannot be read",
+               args=("--config", "{dir}")),
+    ConfigCase("token-url-not-url", "token URL without a scheme", "token_url",
+               "is not an http(s) URL", args=("--token-url", "chat.qwen.ai/token")),
+    ConfigCase("token-url-ftp", "token URL on ftp://", "token_url", "is not an http(s) URL",
+               args=("--token-url", "ftp://chat.qwen.ai/token")),
+    ConfigCase("token-url-no-host", "token URL without a host", "token_url",
+               "is not an http(s) URL", args=("--token-url", "https:///token")),
+    ConfigCase("token-url-http-public", "token URL on http to a public host", "token_url",
+               "clear text", args=("--token-url", PUBLIC_HTTP)),
+    ConfigCase("token-url-http-private", "token URL on http to a private address",
+               "token_url", "clear text", args=("--token-url", "http://10.0.0.5/token")),
+    ConfigCase("token-url-userinfo", "http://127.0.0.1@evil.example/ (loopback as user name)",
+               "token_url", "clear text",
+               args=("--token-url", "http://127.0.0.1@evil.example/token")),
+    ConfigCase("token-url-lookalike", "http://localhost.evil.example/", "token_url",
+               "clear text", args=("--token-url", "http://localhost.evil.example/token")),
+    ConfigCase("margin-word", "--margin soon", "margin", "is not a duration",
+               args=("--margin", "soon")),
+    ConfigCase("margin-negative", "--margin -5", "margin", "must not be negative",
+               args=("--margin=-5",)),
+    ConfigCase("margin-infinite", "QWEN_REFRESHER_MARGIN=inf", "margin", "finite",
+               env={"QWEN_REFRESHER_MARGIN": "inf"}),
+    ConfigCase("jitter-unit", "--jitter 5x", "jitter", "is not a duration",
+               args=("--jitter", "5x")),
+    ConfigCase("http-timeout-zero", "--http-timeout 0", "http_timeout", "greater than 0",
+               args=("--http-timeout", "0")),
+    ConfigCase("retry-max-small", "--retry-max 0.5", "retry_max", "at least 1 second",
+               args=("--retry-max", "0.5")),
+    ConfigCase("sweep-zero", "--sweep-interval 0", "sweep_interval", "at least 1 second",
+               args=("--sweep-interval", "0")),
+    ConfigCase("listen-garbage", "--listen not-an-address", "listen", "HOST:PORT",
+               args=("--listen", "not-an-address")),
+    ConfigCase("listen-port", "--listen 127.0.0.1:70000", "listen", "out of range",
+               args=("--listen", "127.0.0.1:70000")),
+    ConfigCase("client-id-empty", "--client-id ''", "client_id", "must not be empty",
+               args=("--client-id", "")),
+    ConfigCase("env-stores-not-json", "QWEN_REFRESHER_STORES=/a.json,/b.json", "stores",
+               "JSON lists", env={"QWEN_REFRESHER_STORES": "/a.json,/b.json"}),
+    ConfigCase("env-notify-not-json", "QWEN_REFRESHER_NOTIFY_URLS=mailto://x", "notify_urls",
+               "JSON lists", env={"QWEN_REFRESHER_NOTIFY_URLS": "mailto://x"}),
+    ConfigCase("env-discover-word", "QWEN_REFRESHER_DISCOVER=maybe", "discover", "boolean",
+               env={"QWEN_REFRESHER_DISCOVER": "maybe"}),
+]
+
+
+# -- the docs table ----------------------------------------------------------------------------
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown() -> str:
+    lines = [
+        "# Bad input: what qwen-refresher says about broken stores and settings",
+        "",
+        "Generated from `tests/reliability/corpus.py` by "
+        "`.venv/bin/python -m tests.reliability.corpus`; "
+        "`tests/reliability/test_bad_input.py` runs every case and fails when this file and "
+        "the cases disagree.",
+        "",
+        "## Stores",
+        "",
+        "Each broken store sits in its own agent directory (`agents/bad-<case>/agent/"
+        "auth-profiles.json`; the Qwen Code case is `~/.qwen/oauth_creds.json`) next to a "
+        "healthy agent, all under one daemon. For every case the daemon logs exactly one "
+        "error naming the file — `store_invalid` (`error` field) when the file as a whole "
+        "is unusable, `profile_invalid` (`problem` field) when only the qwen profile is — "
+        "and `status` shows it; the file (and its directory) stays byte-identical; the "
+        "healthy agent keeps being refreshed; no token from the broken file appears in any "
+        "log, status output or metric.",
+        "",
+        "| case | input | event | expected message (contains) | note |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for c in STORE_CASES:
+        note = []
+        if c.isolated:
+            note.append("own daemon run")
+        if c.needs_non_root:
+            note.append("daemon run as `nobody` when the tests run as root")
+        if c.bug:
+            note.append("**open bug** (xfail): " + c.bug.removeprefix("BUG: "))
+        lines.append(f"| `{c.name}` | {_cell(c.what)} | `{c.event}` | `{_cell(c.expect)}` "
+                     f"| {_cell('; '.join(note))} |")
+    lines += [
+        "",
+        "## Settings",
+        "",
+        "Each case is one `qwen-refresher run --once` with the bad setting (flag, "
+        "`QWEN_REFRESHER_*` variable or `--config` TOML file). Expected: exit code 78, "
+        "exactly one line on stderr, `qwen-refresher: error: invalid setting <setting> ...`, "
+        "naming the setting and containing the expected text; nothing is written.",
+        "",
+        "| case | input | setting named | expected message (contains) | note |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for k in CONFIG_CASES:
+        note = ("**open bug** (xfail): " + k.bug.removeprefix("BUG: ")) if k.bug else ""
+        lines.append(f"| `{k.name}` | {_cell(k.what)} | `{k.setting}` | `{_cell(k.expect)}` "
+                     f"| {_cell(note)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    DOC.parent.mkdir(exist_ok=True)
+    DOC.write_text(render_markdown(), encoding="utf-8")
+    print(f"wrote {DOC.relative_to(ROOT)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
