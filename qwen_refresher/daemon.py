@@ -30,13 +30,8 @@ from typing import Any
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from . import __version__, discovery, paths
-
-try:  # TODO-INTEGRATE
-    from . import sdnotify
-except ImportError:  # pragma: no cover
-    sdnotify = None  # type: ignore[assignment]
-from .config import Settings, load_settings
+from . import __version__, discovery, paths, sdnotify
+from .config import Settings, is_loopback_host, load_settings
 from .engine import Engine, Member, Outcome
 from .errors import ConfigError, StoreError, StoreUnreadable
 from .history import TokenHistory
@@ -56,12 +51,15 @@ from .state import (
     read_state,
     write_state,
 )
+from .status import summary_line
 from .stores.base import Store
 from .watcher import DirectoryWatcher
 
 #: Consecutive re-applications of one family that we allow before backing off: a writer that
 #: keeps reverting us must not turn the daemon into a loop.
 REVERT_FREE_RETRIES = 2
+#: A wall-clock step larger than this between two main-loop ticks means suspend or a reset.
+CLOCK_JUMP = 5.0
 #: How long state.json changes are gathered before one write.
 PUBLISH_DELAY = 0.1
 
@@ -200,14 +198,8 @@ class Daemon:
                              message="tokens received before a crash or a failed write are "
                                      "being written to their stores")
 
-    def _setup_optional(self) -> None:
-        """Metrics, health endpoint and notifications: each optional, none fatal to refresh."""
-        try:  # TODO-INTEGRATE
-            self._setup_optional_inner()
-        except ModuleNotFoundError as exc:
-            self.log.warning("optional_missing", error=str(exc))
-
-    def _setup_optional_inner(self) -> None:
+    def _setup_services(self) -> None:
+        """Metrics, the health endpoint and notifications."""
         from .metrics import Metrics
 
         self.metrics = Metrics(self.profile_statuses)
@@ -224,6 +216,10 @@ class Daemon:
                                   f"cannot listen on {self.settings.listen}: {exc.strerror}"
                                   ) from None
             self.log.info("health_listening", address=f"{address[0]}:{self.health.port}")
+            if not is_loopback_host(address[0]):
+                self.log.warning("health_exposed", address=self.settings.listen,
+                                 message="health and metrics are reachable from other hosts "
+                                         "(no token is ever served there)")
         from .notify import Notifier, check_notify_setup
 
         check_notify_setup(self.settings)
@@ -709,13 +705,7 @@ class Daemon:
                 write_state(self.settings.state_dir, state)
             except (OSError, StoreError) as exc:
                 self.log.error("state_write_failed", error=str(exc))
-        try:
-            from .status import summary_line
-
-            if sdnotify:
-                sdnotify.set_status(summary_line(profiles, time.time()))
-        except ImportError:
-            pass
+        sdnotify.set_status(summary_line(profiles, time.time()))
 
     def alive(self) -> bool:
         return bool(self.scheduler.running) and time.monotonic() - self.last_tick < 60
@@ -759,7 +749,7 @@ class Daemon:
                              journal=self.journal, lock_timeout=self.settings.lock_timeout,
                              stop=self.stop)
         self._restore()
-        self._setup_optional()
+        self._setup_services()
         self.scheduler.start()
         self.rescan_all()
         self.scheduler.add_job(self.sweep, "interval", seconds=self.settings.sweep_interval,
@@ -775,14 +765,21 @@ class Daemon:
             raise
         self.log.info("started", version=__version__, stores=len(self.stores),
                       profiles=len(self.views), state_dir=str(self.settings.state_dir))
-        sdnotify and sdnotify.ready()
+        sdnotify.ready()
         self.publish()
-        watchdog = sdnotify.watchdog_interval() if sdnotify else None
+        watchdog = sdnotify.watchdog_interval()
         tick = min(watchdog, 15.0) if watchdog else 15.0
+        wall, mono = time.time(), time.monotonic()
         while not self.stop.is_set():
             self._wake.wait(tick)
             self._wake.clear()
             self.last_tick = time.monotonic()
+            skew = (time.time() - wall) - (self.last_tick - mono)
+            wall, mono = time.time(), self.last_tick
+            if abs(skew) > CLOCK_JUMP and not self.stop.is_set():
+                # A suspend or a clock change: re-read and re-plan now, not at the next sweep.
+                self.log.warning("clock_jump", seconds=round(skew, 1))
+                self.request_scan()
             if watchdog:
                 sdnotify.watchdog_ping()
             if self._reload_requested and not self.stop.is_set():
@@ -791,7 +788,7 @@ class Daemon:
             if self.notifier is not None and not self.stop.is_set():
                 self.notifier.update(self.profile_statuses())
         self.log.info("stopping")
-        sdnotify and sdnotify.stopping()
+        sdnotify.stopping()
         self.shutdown()
         return 0
 

@@ -70,24 +70,21 @@ def _parse_iso(text: str) -> float | None:
 
 
 def _openclaw_stale(content: bytes, mtime: float, now: float) -> bool:
-    if now - mtime > OPENCLAW_STALE_SECONDS:
-        return True
+    """OpenClaw's ``isStaleLock``: a dead pid, an unparsable or old ``createdAt``, or an old
+    mtime. A payload without a numeric pid and a string createdAt counts for nothing."""
     try:
         payload = json.loads(content.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
-        # OpenClaw treats an unparsable lock as stale only through its age; so do we.
-        return False
-    if not isinstance(payload, dict):
-        return False
-    pid = payload.get("pid")
-    if isinstance(pid, int) and not isinstance(pid, bool) and not pid_alive(pid):
-        return True
-    created = payload.get("createdAt")
-    if isinstance(created, str):
-        stamp = _parse_iso(created)
-        if stamp is not None and now - stamp > OPENCLAW_STALE_SECONDS:
-            return True
-    return False
+        payload = None
+    if isinstance(payload, dict):
+        pid, created = payload.get("pid"), payload.get("createdAt")
+        if isinstance(pid, int | float) and not isinstance(pid, bool) and isinstance(created, str):
+            if pid and not pid_alive(int(pid)):
+                return True
+            stamp = _parse_iso(created)
+            if stamp is None or now - stamp > OPENCLAW_STALE_SECONDS:
+                return True
+    return now - mtime > OPENCLAW_STALE_SECONDS
 
 
 def _qwen_code_stale(content: bytes, mtime: float, now: float) -> bool:

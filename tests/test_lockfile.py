@@ -76,7 +76,7 @@ def test_an_old_mtime_makes_an_openclaw_lock_stale(tmp_path: Path) -> None:
     assert FileLock(path, OPENCLAW, timeout=1).acquire() < 0.5
 
 
-def test_an_unparsable_fresh_lock_is_respected(tmp_path: Path) -> None:
+def test_an_unparsable_fresh_lock_is_respected_until_its_mtime_is_old(tmp_path: Path) -> None:
     path = tmp_path / "a.json.lock"
     path.write_text("garbage")
     with pytest.raises(LockTimeout):
@@ -131,3 +131,23 @@ def test_pid_alive() -> None:
     assert pid_alive(os.getpid())
     assert not pid_alive(dead_pid())
     assert not pid_alive(0)
+
+
+def test_an_unparsable_created_at_is_stale_as_openclaw_judges_it(tmp_path: Path) -> None:
+    path = tmp_path / "a.json.lock"
+    path.write_text(json.dumps({"pid": os.getpid(), "createdAt": "yesterday-ish"}))
+    assert FileLock(path, OPENCLAW, timeout=1).acquire() < 0.5
+
+
+def test_a_symlinked_store_is_locked_under_its_own_name(tmp_path: Path) -> None:
+    """OpenClaw locks realpath(dir)/auth-profiles.json.lock, not the link target's name."""
+    from qwen_refresher.stores import OpenClawStore
+
+    real_dir = tmp_path / "real"
+    real_dir.mkdir()
+    (real_dir / "target.json").write_text("{}")
+    agent = tmp_path / "agent-link"
+    agent.symlink_to(real_dir)
+    (real_dir / "auth-profiles.json").symlink_to(real_dir / "target.json")
+    store = OpenClawStore(agent / "auth-profiles.json")
+    assert store.lock_path() == real_dir / "auth-profiles.json.lock"

@@ -7,6 +7,7 @@ An adapter knows one file format and one lock protocol. The engine only ever doe
 from __future__ import annotations
 
 import json
+import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -64,8 +65,12 @@ class Store(ABC):
 
     # -- identity ---------------------------------------------------------------------------
     def lock_path(self) -> Path:
-        """Where this format's lock file lives."""
-        return Path(str(self.real_path()) + ".lock")
+        """Where this format's lock file lives: OpenClaw's rule, ``realpath(dir)/<name>.lock``.
+
+        OpenClaw resolves the directory, not the file: a store that is a symlink is locked
+        under its own name, and so must we, or the two programs would not exclude each other.
+        """
+        return Path(os.path.realpath(self.path.parent)) / f"{self.path.name}.lock"
 
     def real_path(self) -> Path:
         """The file behind any in-directory symlink; locks and renames act on it."""

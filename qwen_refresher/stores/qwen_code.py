@@ -25,8 +25,8 @@ class QwenCodeStore(Store):
     lock_style: ClassVar[LockStyle] = QWEN_CODE
 
     def lock_path(self) -> Path:
-        """Qwen Code locks ``oauth_creds.lock`` beside the file, not ``<file>.lock``."""
-        return self.real_path().parent / LOCK_NAME
+        """Qwen Code locks ``oauth_creds.lock`` in its directory, not ``<file>.lock``."""
+        return self.path.parent / LOCK_NAME
 
     def login_command(self, profile: str) -> str:
         return "qwen  (then /auth and choose Qwen OAuth)"

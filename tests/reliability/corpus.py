@@ -55,7 +55,7 @@ class ConfigCase:
     bug: str | None = None
 
 
-# -- store builders ---------------------------------------------------------------------------
+# -- store builders -----------------------------------------------------------------------------
 
 
 def _profile(tokens: Tokens, **changes: Any) -> dict[str, Any]:
@@ -169,15 +169,15 @@ def _duplicate_refresh(tokens: Tokens) -> bytes:
     access, refresh, expires = tokens()
     _, other, _ = tokens()
     return ('{"version": 1, "profiles": {"qwen-portal:default": {"type": "oauth", '
-            '"provider": "qwen-portal", "access": "%s", "refresh": "%s", "refresh": "%s", '
-            '"expires": %d}}}\n' % (access, refresh, other, expires)).encode()
+            f'"provider": "qwen-portal", "access": "{access}", "refresh": "{refresh}", '
+            f'"refresh": "{other}", "expires": {expires}}}}}}}\n').encode()
 
 
 def _duplicate_profile(tokens: Tokens) -> bytes:
     one = json.dumps(_profile(tokens))
     two = json.dumps(_profile(tokens))
-    return ('{"version": 1, "profiles": {"qwen-portal:default": %s, '
-            '"qwen-portal:default": %s}}\n' % (one, two)).encode()
+    return ('{"version": 1, "profiles": {"qwen-portal:default": ' + one
+            + ', "qwen-portal:default": ' + two + "}}\n").encode()
 
 
 def _deep(tokens: Tokens) -> bytes:
@@ -406,7 +406,7 @@ CONFIG_CASES: list[ConfigCase] = [
 ]
 
 
-# -- the docs table ----------------------------------------------------------------------------
+# -- the docs table -----------------------------------------------------------------------------
 
 
 def _cell(text: str) -> str:

@@ -28,6 +28,7 @@ period by those gaps, and at most one of them succeeds (``reuse_count == 0``).
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import threading
@@ -251,7 +252,7 @@ def test_chaos_server_200_profiles(oc: OpenClawHome, tmp_path: Path, long_run: b
     for family, reqs in by_family.items():
         reqs.sort(key=request_start)
         streak = 0
-        for a, b in zip(reqs, reqs[1:], strict=False):
+        for a, b in itertools.pairwise(reqs):
             gap = request_start(b) - request_start(a)
             if a.outcome == "ok":
                 streak, need = 0, SUCCESS_GAP

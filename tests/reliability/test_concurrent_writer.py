@@ -25,10 +25,10 @@ daemon. Beyond that:
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,6 @@ import pytest
 from qwen_refresher.testing.fake_qwen import FakeQwen, FakeQwenConfig
 from tests.harness import ROOT, OpenClawHome, qwen_profile, wait_for
 from tests.reliability.conftest import Figures
-from tests.reliability.openclaw_mimic import token_id
 from tests.reliability.support import (
     Daemon,
     assert_no_leaks,
@@ -116,7 +115,7 @@ def test_openclaw_writer_and_daemon_share_the_file(oc: OpenClawHome, tmp_path: P
     torn_by_daemon = [t for t in r["torn"] if not _overlaps(windows, t["start"], t["end"])]
     # -- the writer's bookkeeping never went backwards
     counters = [c["counter"] for c in r["changes"]]
-    backwards = sum(1 for a, b in zip(counters, counters[1:], strict=False) if b < a)
+    backwards = sum(1 for a, b in itertools.pairwise(counters) if b < a)
     # -- reverts: from the writer's stale write to the reader seeing another token
     changes = r["changes"]
     change_times = [c["at"] for c in changes]

@@ -234,7 +234,7 @@ def test_kill9_loses_nothing_it_had_read(oc: OpenClawHome, long_run: bool,
                     time.sleep(rng.uniform(0.0, delay + 0.05))
                 elif strategy == "after_response":
                     before = len(fake.refresh_requests())
-                    wait_for(lambda: len(fake.refresh_requests()) > before, 20,  # noqa: B023
+                    wait_for(lambda: len(fake.refresh_requests()) > before, 20,
                              "a refresh answered", daemon, interval=0.001)
                     time.sleep(rng.uniform(0.0, 0.02))
                 elif strategy == "holding_lock":
@@ -353,7 +353,7 @@ def test_kill9_loses_nothing_it_had_read(oc: OpenClawHome, long_run: bool,
     assert_no_leaks([*outputs, *texts, metrics], fake_secrets(fake))
 
 
-# -- crash-recovery hygiene, deterministically ------------------------------------------------------
+# -- crash-recovery hygiene, deterministically --------------------------------------------------
 
 
 def _rotate_at_fake(fake: FakeQwen, refresh: str) -> tuple[str, str, int]:
