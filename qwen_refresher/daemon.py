@@ -397,8 +397,9 @@ class Daemon:
         assert creds is not None
         job_id = f"refresh:{keys[0]}"
         previous = self.families.get(job_id)
-        if previous is not None and previous.head == head:
-            planned = previous.planned  # keep the jitter drawn the first time
+        if previous is not None and previous.head == head and \
+                previous.creds.expires_ms == creds.expires_ms:
+            planned = previous.planned  # same token, same expiry: keep the jitter drawn once
         else:
             planned = refresh_at(now=now, expires_at=creds.expires_at, issued_at=issued,
                                  timing=self.timing)

@@ -314,3 +314,20 @@ def test_a_crash_after_the_answer_is_recovered_from_the_journal(
         assert fake.reuse_count == 0
     finally:
         _chattr("-i", path)
+
+
+def test_a_server_that_keeps_the_refresh_token_is_not_refreshed_in_a_loop(
+        oc: OpenClawHome, fake: FakeQwen) -> None:
+    """No refresh_token in the answer: keep the old one, plan by the new expiry."""
+    fake.configure(refresh_in_response="omit", lifetime=3.0)
+    path, _ = seed(oc, fake, lifetime=3.0)
+    original = current_refresh(path)
+    with DaemonProcess(oc, fake, margin="1") as daemon:
+        wait_for(lambda: len(fake.refresh_requests()) >= 2, 15, "two refreshes", daemon)
+        time.sleep(1.0)
+    times = [r.monotonic for r in fake.refresh_requests()]
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    assert min(gaps) > 1.0, f"refreshes {gaps} apart: a loop"
+    assert current_refresh(path) == original
+    doc = json.loads(path.read_bytes())["profiles"]["qwen-portal:default"]
+    assert doc["access"] == fake.issued[-1].access_token

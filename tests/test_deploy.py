@@ -19,8 +19,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +26,8 @@ import pytest
 import yaml
 
 from qwen_refresher.hooks import run_hook
+from qwen_refresher.testing.fake_qwen import FakeQwen
+from tests.harness import DaemonProcess, OpenClawHome, qwen_profile, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -76,7 +76,7 @@ def test_dockerfile_shape() -> None:
     assert 'CMD ["run"]' in final
     assert "QWEN_REFRESHER_LOG_FORMAT=json" in final
     assert "STOPSIGNAL SIGTERM" in final
-    assert re.search(r"HEALTHCHECK .*/healthz", final)
+    assert re.search(r'HEALTHCHECK .*CMD \["qwen-refresher", "status", "--quiet"\]', final)
 
 
 def test_dockerignore_keeps_local_state_out_of_the_build() -> None:
@@ -87,44 +87,30 @@ def test_dockerignore_keeps_local_state_out_of_the_build() -> None:
     assert allowed == {"pyproject.toml", "README.md", "qwen_refresher"}
 
 
-class _Health(BaseHTTPRequestHandler):
-    status = 200
-
-    def do_GET(self) -> None:
-        self.send_response(self.status if self.path == "/healthz" else 404)
-        self.end_headers()
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def health_server() -> Iterator[HTTPServer]:
-    server = HTTPServer(("127.0.0.1", 0), _Health)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-
-
-def test_dockerfile_healthcheck_command(health_server: HTTPServer) -> None:
-    """The HEALTHCHECK's own command line: 0 while /healthz answers 200, else not 0."""
+def test_dockerfile_healthcheck_command(oc: OpenClawHome, fake: FakeQwen) -> None:
+    """The HEALTHCHECK's own command line, run for real: 0 while the daemon runs and every
+    token is valid, 2 once a login is needed, 3 when no daemon runs."""
     text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
     match = re.search(r"HEALTHCHECK .*?CMD (\[.*\])\n", text)
     assert match
     argv = json.loads(match.group(1))
-    argv[0] = sys.executable if argv[0] == "python" else argv[0]
-    port = health_server.server_address[1]
-    env = {**os.environ, "QWEN_REFRESHER_LISTEN": f"0.0.0.0:{port}"}
-    assert subprocess.run(argv, env=env, capture_output=True).returncode == 0
-    _Health.status = 503
-    try:
-        assert subprocess.run(argv, env=env, capture_output=True).returncode != 0
-    finally:
-        _Health.status = 200
-    env["QWEN_REFRESHER_LISTEN"] = f"127.0.0.1:{_free_port()}"
-    assert subprocess.run(argv, env=env, capture_output=True).returncode != 0
+    assert argv[0] == "qwen-refresher"
+    argv = [sys.executable, "-m", "qwen_refresher", *argv[1:]]
+    env = oc.env()
+    assert subprocess.run(argv, env=env, cwd=ROOT).returncode == 3, "no daemon: unhealthy"
+    access, refresh, expires = fake.issue_tokens(lifetime=3600)
+    oc.write_store({"version": 1, "profiles": {
+        "qwen-portal:default": qwen_profile(access, refresh, expires)}})
+    with DaemonProcess(oc, fake, margin="60") as daemon:
+        daemon.wait_event("started")
+        wait_for(lambda: subprocess.run(argv, env=env, cwd=ROOT).returncode == 0, 10,
+                 "a healthy check", daemon)
+        fake.reject_token(refresh)
+        oc.write_store({"version": 1, "profiles": {
+            "qwen-portal:default": qwen_profile(access, refresh, int(time.time() * 1000))}})
+        daemon.wait_event("needs_login")
+        wait_for(lambda: subprocess.run(argv, env=env, cwd=ROOT).returncode == 2, 10,
+                 "an unhealthy check", daemon)
 
 
 # --- Compose ------------------------------------------------------------------------------------
@@ -175,7 +161,7 @@ def test_compose_sidecar_is_locked_down(compose: dict[str, Any]) -> None:
     assert sidecar["environment"]["QWEN_REFRESHER_LOG_FORMAT"] == "json"
     assert "/var/lib/qwen-refresher" in _mounts(sidecar), "the token journal must persist"
     test = sidecar["healthcheck"]["test"]
-    assert test[0] == "CMD" and any("/healthz" in part for part in test)
+    assert test == ["CMD", "qwen-refresher", "status", "--quiet"]
 
 
 def test_compose_and_kubernetes_ship_the_same_reloader_and_hook(compose: dict[str, Any]) -> None:
