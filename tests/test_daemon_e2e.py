@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -326,7 +327,7 @@ def test_a_server_that_keeps_the_refresh_token_is_not_refreshed_in_a_loop(
         wait_for(lambda: len(fake.refresh_requests()) >= 2, 15, "two refreshes", daemon)
         time.sleep(1.0)
     times = [r.monotonic for r in fake.refresh_requests()]
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     assert min(gaps) > 1.0, f"refreshes {gaps} apart: a loop"
     assert current_refresh(path) == original
     doc = json.loads(path.read_bytes())["profiles"]["qwen-portal:default"]
