@@ -321,12 +321,12 @@ class Daemon:
                     self._forget_store(info.store.path)
             return
         with self._lock:
-            if info.error != str(exc):
+            if info.error != exc.problem:
                 self.log.error("store_invalid", store=info.store.describe(), error=exc.problem,
                                message="file left untouched; other stores are still served")
                 if self.metrics is not None:
                     self.metrics.store_error(str(info.store.path))
-            info.error = str(exc)
+            info.error = exc.problem  # the row names the store already
             info.digest = None
             for key in self.keys_by_store.get(info.store.path, set()):
                 if key in self.views:
