@@ -60,9 +60,22 @@ def machine_line() -> str:
             f"Python {platform.python_version()}, Linux {platform.release()}")
 
 
+def code_version() -> str:
+    """The commit measured, and whether qwen_refresher/ differs from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "qwen_refresher"],
+                               cwd=ROOT, capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return f"{head or 'unknown'}{' + uncommitted changes in qwen_refresher/' if dirty else ''}"
+
+
 def header(title: str, settings: str) -> None:
     print(f"== {title}")
     print(machine_line())
+    print(f"code: {code_version()}")
     print(f"load (1/5/15 min) at start: {loadavg()}   {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
     print(f"settings: {settings}")
     sys.stdout.flush()

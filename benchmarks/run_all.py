@@ -1,7 +1,7 @@
 """Runs every benchmark in one go, one after the other, so their figures share a machine state.
 
-Order: idle, reaction, memory (as shipped, then with the fast-redactor what-if), scale start-up
-(as shipped, at three sizes), scale (fast-redactor what-if: start-up and both storms), and
+Order: idle, reaction, memory (as shipped, then with the fast-redactor what-if), scale
+(start-up at three sizes, then both storms at 1,000 stores), and
 ``status_speed.py`` if it is there (with ``OPENCLAW_BIN`` set from
 ``scripts/install-openclaw.sh --check`` when OpenClaw is installed). Each script prints its own
 table; this prints the machine and the load between them, and can tee everything to a file.
@@ -20,18 +20,16 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from _common import BENCH_DIR, ROOT, loadavg, machine_line
+from _common import BENCH_DIR, ROOT, code_version, loadavg, machine_line
 
 #: (name, script, arguments for a full run, arguments for --quick)
 STEPS: list[tuple[str, str, list[str], list[str]]] = [
     ("idle", "idle.py", [], ["--quick"]),
     ("reaction", "reaction.py", [], ["--quick"]),
-    ("memory", "memory.py", ["--budget", "240"], ["--quick"]),
+    ("memory", "memory.py", ["--budget", "300"], ["--quick"]),
     ("memory-fast", "memory.py", ["--fast-redactor"], ["--quick", "--fast-redactor"]),
-    ("scale-startup", "scale.py", ["--startup-only", "--startup-sizes", "100,300,1000",
-                                   "--startup-timeout", "180"],
-     ["--quick", "--startup-only", "--startup-sizes", "50,200", "--startup-timeout", "60"]),
-    ("scale-fast", "scale.py", ["--fast-redactor"], ["--quick", "--fast-redactor"]),
+    ("scale", "scale.py", ["--startup-sizes", "100,300,1000"],
+     ["--quick", "--startup-sizes", "50,200"]),
     ("status", "status_speed.py", [], ["-n", "10"]),
 ]
 
@@ -76,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         env["OPENCLAW_BIN"] = openclaw
     try:
         _emit(f"# qwen-refresher benchmarks ({'quick' if opts.quick else 'full'})\n"
-              f"{machine_line()}\nload at start: {loadavg()}  "
+              f"{machine_line()}\ncode: {code_version()}\nload at start: {loadavg()}  "
               f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n\n", out)
         began = time.monotonic()
         for name, script, full, quick in STEPS:
@@ -97,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             rc = proc.wait()
             _emit(f"({name}: exit {rc}, {time.monotonic() - t:.0f} s; load {loadavg()})\n\n",
                   out)
-        _emit(f"all done in {time.monotonic() - began:.0f} s; load at end: {loadavg()}\n", out)
+        _emit(f"all done in {time.monotonic() - began:.0f} s; code: {code_version()}; "
+              f"load at end: {loadavg()}\n", out)
     finally:
         if out is not None:
             out.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import shlex
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -47,6 +48,30 @@ def _hook(value: object) -> str | None:
 
 
 Hook = Annotated[str | None, BeforeValidator(_hook)]
+
+
+def _runner(value: object) -> str:
+    """``hook_runner``: a ``systemd-run`` command line, or ``""`` (also ``none``) for none."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ValueError("expected a command line (string)")
+    text = value.strip()
+    if text.lower() in ("", "none", "off", "false"):
+        return ""
+    try:
+        words = shlex.split(text)
+    except ValueError as exc:
+        raise ValueError(f"cannot be split into words: {exc}") from None
+    if Path(words[0]).name != "systemd-run":
+        raise ValueError("must be a systemd-run command line, e.g. systemd-run --user "
+                         "(hooks get --wait, --pipe, --unit, --setenv ... appended)")
+    if "--scope" in words:
+        raise ValueError("--scope would run hooks inside our own sandbox; use a service")
+    return text
+
+
+HookRunner = Annotated[str, BeforeValidator(_runner)]
 
 
 def is_loopback_host(host: str) -> bool:
@@ -95,6 +120,7 @@ class Settings(BaseSettings):
     http_timeout: Seconds = 15.0
     lock_timeout: Seconds = 40.0
     hook_timeout: Seconds = 30.0
+    hook_runner: HookRunner = ""
     debounce: Seconds = 0.1
     state_dir: Path = Field(default_factory=paths.default_state_dir)
     stores: list[Path] = Field(default_factory=list)
@@ -173,6 +199,11 @@ class Settings(BaseSettings):
     def listen_address(self) -> tuple[str, int] | None:
         return parse_listen(self.listen)
 
+    @property
+    def hook_runner_argv(self) -> tuple[str, ...]:
+        """``hook_runner`` split into words; empty: hooks run as our children."""
+        return tuple(shlex.split(self.hook_runner))
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -200,6 +231,9 @@ def _check_toml(path: Path) -> None:
             doc = tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("config", f"{path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError("config", f"{path}: not valid TOML: not UTF-8 (byte {exc.start})"
+                          ) from None
     except OSError as exc:
         raise ConfigError("config", f"{path}: cannot be read: {exc.strerror}") from None
     unknown = sorted(set(doc) - set(Settings.model_fields))

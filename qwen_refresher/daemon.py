@@ -27,6 +27,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from apscheduler.events import EVENT_JOB_SUBMITTED, JobSubmissionEvent
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -34,6 +35,7 @@ from . import __version__, discovery, paths, sdnotify
 from .config import Settings, is_loopback_host, load_settings
 from .engine import Engine, Member, Outcome
 from .errors import ConfigError, StoreError, StoreUnreadable
+from .fileio import remove_stale_temp_files
 from .history import TokenHistory
 from .hooks import resolve_on_rotate, run_hook
 from .journal import Journal
@@ -42,6 +44,8 @@ from .models import Credentials, ProfileKey, fingerprint
 from .planner import Timing, backoff_delay, refresh_at
 from .qwen import QwenOAuthClient
 from .state import (
+    JOURNAL_FILE,
+    STATE_FILE,
     DaemonLock,
     ProfileState,
     ProfileStatus,
@@ -163,6 +167,8 @@ class Daemon:
         #: store path -> its profile keys, so one store's update never scans every profile
         self.keys_by_store: dict[Path, set[ProfileKey]] = defaultdict(set)
         self._watched: dict[Path, bool] = {}
+        #: family jobs handed to the pool and not finished yet
+        self._running: set[str] = set()
         self.metrics: Any = None
         self.health: Any = None
         self.notifier: Any = None
@@ -251,6 +257,7 @@ class Daemon:
             infos = list(self.stores.values())
         for info in infos:
             self.read_store(info)
+        self._remove_stale_temp_files(infos)
         dirs = discovery.watch_dirs(list(self.stores), discover=s.discover,
                                     qwen_code=s.qwen_code)
         self.watcher.watch(dirs)
@@ -261,6 +268,16 @@ class Daemon:
             if self.scheduler.running:
                 self._on_fs_event(Path("/"))
         self.reconcile()
+
+    def _remove_stale_temp_files(self, infos: list[_StoreInfo]) -> None:
+        by_dir: dict[Path, set[str]] = defaultdict(set)
+        for info in infos:
+            by_dir[info.store.path.parent].add(info.store.path.name)
+        by_dir[self.settings.state_dir] |= {STATE_FILE, JOURNAL_FILE}
+        for directory, names in by_dir.items():
+            for path in remove_stale_temp_files(directory, names):
+                self.log.info("temp_file_removed", path=str(path),
+                              message="left by an interrupted write")
 
     def _forget_store(self, path: Path) -> None:
         info = self.stores.pop(path)
@@ -448,6 +465,10 @@ class Daemon:
         return family
 
     def _schedule(self, job_id: str, run_at: float) -> None:
+        if job_id in self._running:
+            # Its run is queued or in progress and re-plans the family when it ends; a second
+            # date job now would only be skipped by the scheduler (max_instances=1).
+            return
         job = self.scheduler.get_job(job_id)
         when = datetime.fromtimestamp(run_at, UTC)
         if job is not None and job.next_run_time is not None and \
@@ -462,12 +483,29 @@ class Daemon:
             if self.stop.is_set():
                 return
             self._active += 1
+        outcome = None
         try:
-            self._run_family_inner(job_id)
+            outcome = self._run_family_inner(job_id)
         finally:
+            with self._lock:
+                self._running.discard(job_id)
             with self._active_cv:
                 self._active -= 1
                 self._active_cv.notify_all()
+        if self.stop.is_set():
+            return
+        self.reconcile()
+        if outcome is not None and outcome.result == "rejected":
+            # state.json says needs_login before anyone is told so (status agrees with
+            # the notification), not a publish delay later.
+            self.publish_now()
+        if self.notifier is not None:
+            self.notifier.update(self.profile_statuses())
+
+    def _job_submitted(self, event: JobSubmissionEvent) -> None:
+        if event.job_id.startswith("refresh:"):
+            with self._lock:
+                self._running.add(event.job_id)
 
     def _run_family_inner(self, job_id: str) -> Outcome | None:
         assert self.engine is not None
@@ -492,9 +530,6 @@ class Daemon:
                 info = self.stores.get(member.store.path)
                 if info is not None:
                     self.read_store(info)
-        self.reconcile()
-        if self.notifier is not None:
-            self.notifier.update(self.profile_statuses())
         return outcome
 
     def _apply_outcome(self, family: Family, members: list[Member], outcome: Outcome) -> None:
@@ -589,7 +624,8 @@ class Daemon:
             "PROFILES": "\n".join(f"{m.store.path}#{m.profile}" for m in written),
         }
         result = run_hook(command, variables, timeout=self.settings.hook_timeout,
-                          secrets=(outcome.creds.access, outcome.creds.refresh))
+                          secrets=(outcome.creds.access, outcome.creds.refresh),
+                          runner=self.settings.hook_runner_argv)
         if result.ok:
             self.log.info("on_rotate_ok", command=command)
         else:
@@ -751,6 +787,7 @@ class Daemon:
                              stop=self.stop)
         self._restore()
         self._setup_services()
+        self.scheduler.add_listener(self._job_submitted, EVENT_JOB_SUBMITTED)
         self.scheduler.start()
         self.rescan_all()
         self.scheduler.add_job(self.sweep, "interval", seconds=self.settings.sweep_interval,
@@ -812,6 +849,8 @@ class Daemon:
                        and self.history.rejection(f.head) is None]
             for job_id in due:
                 self._run_family_inner(job_id)
+            self.stop.set()
+            self.reconcile()
             statuses = self.profile_statuses()
             self.log.info("once_done", refreshed=len(due), profiles=len(statuses))
             if any(p["state"] in ("needs_login", "expired") for p in statuses):
@@ -829,15 +868,16 @@ class Daemon:
         self.stop.set()
         with contextlib.suppress(Exception):
             self.scheduler.shutdown(wait=False)
-        deadline = time.monotonic() + self.settings.http_timeout + 2
+        deadline = time.monotonic() + self.settings.http_timeout + 5
         with self._active_cv:
             while self._active and time.monotonic() < deadline:
                 self._active_cv.wait(0.1)
         if self.engine is not None:
             # An in-flight write finishes before we go; a refresh that has not reached the
             # write step has already been told to stop waiting for locks.
-            with self.engine.writing:
-                pass
+            if self.engine.writing.acquire(timeout=10):
+                self.engine.writing.release()
+            self.engine.release_all()
         self.watcher.stop()
         if self.health is not None:
             self.health.stop()

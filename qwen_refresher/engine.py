@@ -89,6 +89,15 @@ class Engine:
         #: Held while stores are being written: shutdown waits for it, so SIGTERM never
         #: interrupts a write between journal and store.
         self.writing = threading.Lock()
+        #: Every store lock held right now, so a shutdown that cannot wait any longer for a
+        #: stuck refresh still leaves no lock file behind.
+        self.held: set[FileLock] = set()
+
+    def release_all(self) -> None:
+        """Last resort at shutdown: drop every lock we still hold."""
+        for lock in list(self.held):
+            lock.release()
+            self.held.discard(lock)
 
     def fp(self, creds: Credentials) -> str:
         return fingerprint(creds.refresh, self.salt)
@@ -113,10 +122,12 @@ class Engine:
                     return Outcome("unavailable", reason=f"{lock.lock_path}: cannot create lock "
                                                          f"file: {exc.strerror}")
                 held.append(lock)
+                self.held.add(lock)
             outcome = self._locked(members, due_at)
         finally:
             for lock in reversed(held):
                 lock.release()
+                self.held.discard(lock)
         outcome.duration = time.monotonic() - started
         return outcome
 
@@ -203,10 +214,13 @@ class Engine:
             if failed:
                 outcome.result, outcome.reason = "write_failed", failed[0]
                 return outcome
-            if not outcome.errors and self.history.credentials(best_fp) is best:
-                with contextlib.suppress(OSError, StoreError):
-                    self.journal.settle(best_fp)
 
+
+        if not outcome.errors and self.journal.holds(best_fp):
+            # Every member holds the journaled tokens (now, or already before a crash that
+            # came between the last write and the settle): they need no journal any more.
+            with contextlib.suppress(OSError, StoreError):
+                self.journal.settle(best_fp)
         if self.clock() < due_at:
             return outcome
         rejection = self.history.rejection(best_fp)

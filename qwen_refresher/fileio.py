@@ -11,13 +11,17 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import secrets
 import stat
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import StoreUnreadable, StoreWriteError
 
+_TEMP_NAME = re.compile(r"\.(.+)\.[0-9a-f]{12}\.tmp")
 #: Stores are a few KiB; anything near this is not a store, and reading it whole would hurt.
 MAX_STORE_BYTES = 4 * 1024 * 1024
 
@@ -40,8 +44,11 @@ def resolve_confined(path: Path) -> Path:
     A store is a secret; a symlink from an agent dir to, say, ``/etc/shadow`` or another user's
     file must not make us read, lock or replace that file.
     """
-    parent = path.parent.resolve()
-    real = path.resolve()
+    try:
+        parent = path.parent.resolve()
+        real = path.resolve()
+    except (RuntimeError, OSError) as exc:  # a symlink loop (RuntimeError before 3.13)
+        raise StoreUnreadable(path, f"cannot be resolved: {exc}") from None
     if real.parent != parent and parent not in real.parents:
         raise StoreUnreadable(path, f"is a symlink to {real}, outside {parent}; refusing to follow")
     return real
@@ -154,6 +161,35 @@ def atomic_write(
             tmp.unlink()
         raise StoreWriteError(shown, f"write failed: {exc.strerror}") from None
     fsync_dir(directory)
+
+
+def remove_stale_temp_files(directory: Path, names: Iterable[str], *,
+                            older_than: float = 60.0) -> list[Path]:
+    """Delete temporary files that ``atomic_write`` left behind when it was killed mid-write.
+
+    Each holds a copy of the tokens it was about to write, so it must not linger. Only our own
+    pattern (``.<name>.<12 hex>.tmp``) is touched, and only files older than any write could
+    still be in flight.
+    """
+    wanted = set(names)
+    now = time.time()
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TEMP_NAME.fullmatch(entry.name)
+        if match is None or match.group(1) not in wanted:
+            continue
+        try:
+            if entry.is_file(follow_symlinks=False) and \
+                    now - entry.stat(follow_symlinks=False).st_mtime > older_than:
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except OSError:
+            continue
+    return removed
 
 
 def ensure_private_dir(directory: Path) -> None:

@@ -21,6 +21,8 @@ class Journal:
     def __init__(self, state_dir: Path) -> None:
         self._dir = state_dir
         self._lock = threading.Lock()
+        #: fingerprints with an entry on disk; lets ``settle`` skip the disk when none is
+        self._pending: set[str] = {str(e.get("family")) for e in read_journal(state_dir)}
 
     def record(self, replaces: str, fp: str, creds: Credentials,
                members: list[ProfileKey]) -> None:
@@ -38,14 +40,21 @@ class Journal:
             entries = [e for e in read_journal(self._dir) if e.get("family") != fp]
             entries.append(entry)
             write_journal(self._dir, entries)
+            self._pending.add(fp)
 
     def settle(self, fp: str) -> None:
         """Every member holds ``fp``'s tokens: forget them."""
         with self._lock:
+            if fp not in self._pending:
+                return
             entries = read_journal(self._dir)
             kept = [e for e in entries if e.get("family") != fp]
             if len(kept) != len(entries):
                 write_journal(self._dir, kept)
+            self._pending.discard(fp)
+
+    def holds(self, fp: str) -> bool:
+        return fp in self._pending
 
     def pending(self) -> list[tuple[str, str, Credentials, list[ProfileKey]]]:
         """(replaces, fp, credentials, members) for every entry still on disk."""

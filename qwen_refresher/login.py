@@ -242,7 +242,7 @@ def run_on_rotate(settings: Settings, written: list[ProfileKey],
         "PROFILES": "\n".join(str(k) for k in written),
     }
     return run_hook(command, variables, timeout=settings.hook_timeout,
-                    secrets=(creds.access, creds.refresh))
+                    secrets=(creds.access, creds.refresh), runner=settings.hook_runner_argv)
 
 
 # --------------------------------------------------------------------------- assisted login

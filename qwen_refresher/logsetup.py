@@ -24,6 +24,8 @@ SECRET_KEYS = frozenset({
 MASK = "[redacted]"
 #: Secrets remembered at most (live ones are re-added on every read).
 MAX_SECRETS = 100_000
+#: Longest secret put in the automaton; longer ones are scrubbed with a plain replace.
+MAX_AUTOMATON_WORD = 16 * 1024
 #: Shorter strings are not treated as secrets (they would mask ordinary words).
 MIN_SECRET = 8
 
@@ -42,11 +44,20 @@ class Redactor:
         self._secrets: dict[str, None] = {}
         self._automaton: Any = None
         self._dirty = False
+        self._long: list[str] = []
 
     def add(self, *secrets: str | None) -> None:
         with self._lock:
             for secret in secrets:
-                if secret and len(secret) >= MIN_SECRET and secret not in self._secrets:
+                if not secret or len(secret) < MIN_SECRET:
+                    continue
+                if len(secret) > MAX_AUTOMATON_WORD:
+                    # pyahocorasick frees its trie recursively: a megabyte-long word crashes
+                    # the interpreter. Such a "token" is absurd, but must still be scrubbed.
+                    if secret not in self._long:
+                        self._long.append(secret)
+                        del self._long[:-16]
+                elif secret not in self._secrets:
                     self._secrets[secret] = None
                     self._dirty = True
             while len(self._secrets) > MAX_SECRETS:  # bounded: forget the oldest
@@ -63,6 +74,8 @@ class Redactor:
             return self._automaton
 
     def scrub(self, text: str) -> str:
+        for secret in self._long:
+            text = text.replace(secret, MASK)
         automaton = self._current()
         if automaton is None or len(text) < MIN_SECRET:
             return text

@@ -450,7 +450,8 @@ class Notifier:
         command = self.settings.on_needs_login
         if command is None:
             return
-        result = run_hook(command, notice.variables(), timeout=self.settings.hook_timeout)
+        result = run_hook(command, notice.variables(), timeout=self.settings.hook_timeout,
+                          runner=self.settings.hook_runner_argv)
         if result.ok:
             self.log.info("on_needs_login_ok", notice=notice.event, command=command)
         else:

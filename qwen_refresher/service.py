@@ -24,11 +24,15 @@ Sandbox decisions, each one checked here rather than assumed:
   manager itself with throw-away ``systemd-run --user`` units and leaves out only what it
   refuses; without user namespaces, that is the whole filesystem part (the ``basic``
   sandbox: seccomp-based settings only).
-- ``MemoryDenyWriteExecute=`` is left off: it is inherited by the ``on_rotate`` hook, and the
-  default hook is OpenClaw's CLI, a Node.js program. Under a seccomp filter equal to systemd's,
-  V8 aborts at its first JIT compilation, and ``node --jitless`` dies too because undici's HTTP
-  parser needs WebAssembly. The refresher itself (CPython, pydantic-core, watchdog) runs fine
-  under it; users whose hook is not Node can turn it on in a drop-in.
+- ``MemoryDenyWriteExecute=yes`` protects the refresher (CPython, pydantic-core, watchdog run
+  fine under it), but a hook run as its child would inherit it, and the default hook is
+  OpenClaw's CLI, a Node.js program: V8 aborts at its first JIT compilation under it, and
+  ``node --jitless`` dies too because undici's HTTP parser needs WebAssembly. So the unit sets
+  ``QWEN_REFRESHER_HOOK_RUNNER`` (``HOOK_RUNNER``) and every hook runs in a transient user unit
+  of its own (``systemd-run --user --wait --pipe``, see ``hooks.runner_argv``), outside this
+  sandbox. That needs the user's D-Bus session bus; ``--sandbox auto`` tries the runner, and
+  where it fails (no ``dbus-user-session``) leaves both out, so hooks keep working inside the
+  sandbox as before.
 - ``ProtectProc=``, ``ProcSubset=``, ``ProtectControlGroups=`` and ``RemoveIPC=`` are system-only
   settings (systemd.exec(5)); a user unit gains nothing from them, so they are not listed to
   flatter the exposure score.
@@ -44,6 +48,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
+import shlex
 import shutil
 import subprocess
 import sys
@@ -53,10 +59,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import paths
+from . import hooks, paths
 from .errors import ServiceError
 
 UNIT_NAME = "qwen-refresher.service"
+#: The environment variable of the ``hook_runner`` setting.
+RUNNER_ENV = "QWEN_REFRESHER_HOOK_RUNNER"
 #: First line of every unit we write; a unit without it is someone else's and is not touched.
 MARKER = "# Written by qwen-refresher install-service"
 #: OpenClaw's own user unit (``openclaw gateway install``); we start after it when both exist.
@@ -83,6 +91,13 @@ PASS_THROUGH_ENV = (
     "QWEN_REFRESHER_CONFIG",
     "QWEN_REFRESHER_STATE_DIR",
 )
+
+#: ``hook_runner`` of the installed unit: hooks run in transient units of their own, started by
+#: the user manager, so they do not inherit MemoryDenyWriteExecute= (Node.js aborts under it)
+#: or the filesystem sandbox. They keep the unit's umask and no-new-privileges; run_hook adds
+#: --wait, --pipe, --unit, RuntimeMaxSec= and the environment (``hooks.runner_argv``).
+HOOK_RUNNER: tuple[str, ...] = ("systemd-run", "--user", "--property=UMask=0077",
+                                "--property=NoNewPrivileges=yes")
 
 #: Settings that need a user namespace in a user manager, in the order the unit lists them.
 #: ``--sandbox auto`` probes exactly these (see ``probe_sandbox``).
@@ -170,12 +185,26 @@ SystemCallFilter=~@privileged @resources
 # A denied call fails with EPERM instead of killing the process (e.g. a best-effort fchown).
 SystemCallErrorNumber=EPERM
 KeyringMode=private
-# Off on purpose: the on_rotate hook inherits it, and OpenClaw's CLI (Node.js) cannot run
-# without writable+executable memory. Turn it on in a drop-in if your hook is not Node.
-#MemoryDenyWriteExecute=yes
-{namespaces}
+{memory}{namespaces}
 [Install]
 WantedBy=default.target
+"""
+
+_MEMORY_ON = """\
+# No memory that is both writable and executable, so injected code cannot run. Node.js (like
+# OpenClaw's CLI) aborts under it, so hooks (on_rotate, on_needs_login) do not inherit it: they
+# run through this systemd-run command line, each in a transient unit of its own outside this
+# sandbox (qwen-refresher-hook-*.service). Empty runs them inside it (then not Node.js).
+MemoryDenyWriteExecute=yes
+{runner}
+"""
+
+_MEMORY_OFF = """\
+# MemoryDenyWriteExecute= left out: this user manager could not run a hook in a unit of its own
+# when install-service tried (`systemd-run --user --wait` needs the user's D-Bus session bus,
+# e.g. Debian's dbus-user-session), and inside this sandbox Node.js hooks such as OpenClaw's
+# CLI would abort under it. Install the bus and re-run install-service to get both.
+#MemoryDenyWriteExecute=yes
 """
 
 _NAMESPACES_HEAD = """
@@ -235,6 +264,8 @@ class UnitParams:
     #: Values written as they are, so that specifiers such as ``%h`` work (the shipped
     #: template); installed units escape ``%`` because their paths are literal.
     specifiers: bool = False
+    #: ``QWEN_REFRESHER_HOOK_RUNNER`` with ``MemoryDenyWriteExecute=yes``; empty: neither.
+    hook_runner: tuple[str, ...] = HOOK_RUNNER
 
 
 def _escape(text: str, *, specifiers: bool) -> str:
@@ -267,7 +298,7 @@ def _path_line(path: str, *, specifiers: bool) -> str:
 
 def render_unit(params: UnitParams) -> str:
     """The unit file text for ``params``."""
-    for value in (*params.exec_start, *params.read_write_paths,
+    for value in (*params.exec_start, *params.read_write_paths, *params.hook_runner,
                   *(v for pair in params.environment for v in pair)):
         if "\n" in value or "\r" in value:
             raise ServiceError(f"cannot put a line break into a unit file: {value!r}")
@@ -281,10 +312,15 @@ def render_unit(params: UnitParams) -> str:
                             for k, v in params.environment)
     rw = "\n".join(_path_line(p, specifiers=raw) for p in params.read_write_paths)
     namespaces = _namespace_block(rw, params.omitted)
+    memory = _MEMORY_OFF
+    if params.hook_runner:
+        memory = _MEMORY_ON.format(runner=_environment_line(
+            RUNNER_ENV, shlex.join(params.hook_runner), specifiers=raw))
     return header + "\n" + _BODY.format(
         gateway_unit=GATEWAY_UNIT,
         exec_start=" ".join(quote_arg(a, specifiers=raw) for a in params.exec_start),
         environment=environment,
+        memory=memory,
         namespaces=namespaces,
     )
 
@@ -364,6 +400,10 @@ def _configured(env: Mapping[str, str], warnings: list[str]) -> tuple[Path | Non
         except (OSError, tomllib.TOMLDecodeError) as exc:
             warnings.append(f"{config_path}: cannot be read ({exc}); the service will fail "
                             "to start until it is fixed")
+    if "hook_runner" in doc:
+        warnings.append(f"{config_path} sets hook_runner, but the unit's {RUNNER_ENV} takes "
+                        "precedence; change it with `systemctl --user edit qwen-refresher` "
+                        f"([Service] / Environment={RUNNER_ENV}=...)")
     raw_state = env.get("QWEN_REFRESHER_STATE_DIR") or doc.get("state_dir")
     if isinstance(raw_state, str) and raw_state.strip():
         state_dir = Path(raw_state.strip()).expanduser().absolute()
@@ -464,7 +504,8 @@ def resolve(env: Mapping[str, str] | None = None, argv0: str | None = None) -> R
     )
 
 
-def unit_params(resolved: Resolved, omitted: Sequence[str] = (), version: str = "") -> UnitParams:
+def unit_params(resolved: Resolved, omitted: Sequence[str] = (), version: str = "",
+                hook_runner: Sequence[str] = HOOK_RUNNER) -> UnitParams:
     return UnitParams(
         exec_start=resolved.exec_start,
         environment=tuple(resolved.environment),
@@ -472,6 +513,7 @@ def unit_params(resolved: Resolved, omitted: Sequence[str] = (), version: str = 
         omitted=tuple(omitted),
         installed=True,
         version=version,
+        hook_runner=tuple(hook_runner),
     )
 
 
@@ -511,6 +553,23 @@ def _try_settings(settings: Sequence[tuple[str, str]]) -> tuple[bool | None, str
     for name, value in settings:
         command += ["-p", f"{name}={value}"]
     command.append("/bin/true")
+    return _probe(command)
+
+
+def probe_hook_runner() -> tuple[bool | None, str]:
+    """Whether a hook can run through ``HOOK_RUNNER`` here, exactly as run_hook would run it.
+
+    None: could not ask (no ``systemd-run``, or no D-Bus session bus: ``--wait`` and ``--pipe``
+    need one, where ``systemctl --user`` manages with the manager's private socket).
+    """
+    if shutil.which("systemd-run") is None:
+        return None, "systemd-run not found"
+    unit = f"{hooks.RUNNER_UNIT_PREFIX}probe-{secrets.token_hex(4)}"
+    return _probe(hooks.runner_argv(HOOK_RUNNER, "true", {}, timeout=PROBE_TIMEOUT / 2,
+                                    unit=unit, environ={}))
+
+
+def _probe(command: Sequence[str]) -> tuple[bool | None, str]:
     try:
         proc = subprocess.run(command, capture_output=True, text=True, timeout=PROBE_TIMEOUT,
                               check=False)
@@ -518,7 +577,7 @@ def _try_settings(settings: Sequence[tuple[str, str]]) -> tuple[bool | None, str
         return None, str(exc)
     detail = (proc.stderr or proc.stdout).strip()
     if proc.returncode != 0 and "bus" in detail.lower():
-        return None, detail  # no user manager to ask: says nothing about namespaces
+        return None, detail  # no manager or bus to ask through: says nothing about the test
     return proc.returncode == 0, detail
 
 
@@ -633,7 +692,22 @@ def install(args: argparse.Namespace) -> int:
                   " in a user service; installing the sandbox without them")
     sandbox = ("basic" if "PrivateUsers" in omitted else
                "full" if not omitted else "full except " + ", ".join(omitted))
-    text = render_unit(unit_params(resolved, omitted, __version__))
+    runner = HOOK_RUNNER
+    if args.sandbox == "auto":
+        works, detail = probe_hook_runner()
+        if works is None and args.dry_run:
+            _warn(f"could not check whether hooks can run in units of their own ({detail}); "
+                  "assuming they can")
+        elif not works:
+            # With the manager reachable (preflight), "could not ask" means no session bus.
+            runner = ()
+            _warn("this user manager cannot run hooks in units of their own (`systemd-run "
+                  "--user --wait` failed: " + (detail or "no details") + "); installing "
+                  "without MemoryDenyWriteExecute= so that Node.js hooks (OpenClaw's CLI) "
+                  "still run. A D-Bus session bus (Debian/Ubuntu: dbus-user-session) fixes it")
+    hooks_line = ("in units of their own (systemd-run), MemoryDenyWriteExecute=yes" if runner
+                  else "inside the sandbox, without MemoryDenyWriteExecute=")
+    text = render_unit(unit_params(resolved, omitted, __version__, runner))
     if args.dry_run:
         sys.stdout.write(text)
         for warning in resolved.warnings:
@@ -667,6 +741,7 @@ def install(args: argparse.Namespace) -> int:
     _out(f"{'Wrote' if changed else 'Unchanged:'} {target}")
     _out(f"  runs: {' '.join(resolved.exec_start)}")
     _out(f"  sandbox: {sandbox}")
+    _out(f"  hooks: {hooks_line}")
     _systemctl("daemon-reload")
     if args.now:
         if existing is not None and changed:
@@ -739,7 +814,8 @@ def add_parsers(subparsers: Any) -> None:
                    help="print the unit and change nothing")
     p.add_argument("--sandbox", choices=["auto", "full", "basic"], default="auto",
                    help="filesystem sandbox: auto probes which settings this user manager "
-                        "allows (default), full uses all, basic none")
+                        "allows and whether hooks can run in units of their own (default), "
+                        "full uses all, basic none")
     p.add_argument("--unit-dir", help="directory to write the unit to "
                                       "(default $XDG_CONFIG_HOME/systemd/user)")
     p.set_defaults(handler=install)

@@ -140,3 +140,17 @@ def test_every_directory_we_create_is_0700(tmp_path: Path) -> None:
     assert stat.S_IMODE((tmp_path / "exists").stat().st_mode) == 0o755, "existing dirs untouched"
     for part in ("a", "a/b", "a/b/c"):
         assert stat.S_IMODE((tmp_path / "exists" / part).stat().st_mode) == 0o700
+
+
+def test_stale_temp_files_of_an_interrupted_write_are_removed(tmp_path: Path) -> None:
+    from qwen_refresher.fileio import remove_stale_temp_files
+
+    old = tmp_path / ".auth-profiles.json.0123456789ab.tmp"
+    fresh = tmp_path / ".auth-profiles.json.ba9876543210.tmp"
+    other = tmp_path / ".notes.txt.0123456789ab.tmp"
+    for path in (old, fresh, other):
+        path.write_text("tokens")
+    os.utime(old, (1, 1))
+    os.utime(other, (1, 1))
+    assert remove_stale_temp_files(tmp_path, ["auth-profiles.json"]) == [old]
+    assert fresh.exists() and other.exists() and not old.exists()

@@ -50,3 +50,19 @@ def test_configured_json_logs_are_redacted() -> None:
     logsetup.get_logger().info("something", detail="got leaky-token-value-1234 back")
     line = json.loads(stream.getvalue().strip().splitlines()[-1])
     assert line["detail"] == f"got {MASK} back"
+
+
+def test_an_absurdly_long_secret_is_scrubbed_without_crashing() -> None:
+    """pyahocorasick's recursive free crashes on a megabyte-long word: such words stay out of
+    the automaton (checked in a subprocess, since the crash would take pytest down)."""
+    import subprocess
+    import sys
+
+    code = ("from qwen_refresher.logsetup import Redactor\n"
+            "r = Redactor(); big = 'k' * (1 << 20); r.add(big, 'normal-token-1234')\n"
+            "out = r.scrub('a ' + big + ' b normal-token-1234')\n"
+            "assert out == 'a [redacted] b [redacted]', out[:50]\n"
+            "del r\nprint('ok')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-500:]

@@ -8,18 +8,22 @@ shipped unit is checked with the real ``systemd-analyze`` when the machine has i
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
+import shlex
 import shutil
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from qwen_refresher import service
-from qwen_refresher.errors import ServiceError
+from qwen_refresher import hooks, service
+from qwen_refresher.config import load_settings
+from qwen_refresher.errors import ConfigError, ServiceError
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "systemd" / "qwen-refresher.service"
@@ -77,6 +81,15 @@ class Env:
     def calls(self) -> list[str]:
         return self.log.read_text().splitlines() if self.log.exists() else []
 
+    def namespace_probes(self) -> list[str]:
+        """The systemd-run calls that tried sandbox settings (not the hook runner's)."""
+        return [c for c in self.calls()
+                if c.startswith("systemd-run ") and "-p PrivateUsers=yes" in c]
+
+    def runner_probes(self) -> list[str]:
+        return [c for c in self.calls()
+                if c.startswith("systemd-run ") and "--unit=qwen-refresher-hook-probe-" in c]
+
     def systemctl_calls(self) -> list[str]:
         """What systemctl was asked to do, the read-only preflight left out."""
         return [c.removeprefix("systemctl ") for c in self.calls()
@@ -107,6 +120,24 @@ def _settings(text: str) -> dict[str, list[str]]:
         key, _, value = line.partition("=")
         out.setdefault(key, []).append(value)
     return out
+
+
+def _environment(text: str) -> dict[str, str]:
+    """A unit's ``Environment=`` assignments (quoted the way install-service writes them)."""
+    out: dict[str, str] = {}
+    for value in _settings(text).get("Environment", []):
+        for word in shlex.split(value):
+            name, _, val = word.partition("=")
+            out[name] = val
+    return out
+
+
+def _runner(text: str) -> tuple[str, ...] | None:
+    """The unit's hook runner as the daemon reads it (through its settings); None: not set."""
+    value = _environment(text).get(service.RUNNER_ENV)
+    if value is None:
+        return None
+    return load_settings(env={"HOME": "/nonexistent", service.RUNNER_ENV: value}).hook_runner_argv
 
 
 # --- install ------------------------------------------------------------------------------------
@@ -187,7 +218,7 @@ def test_dry_run_prints_the_unit_and_changes_nothing(env: Env,
 
 def test_sandbox_auto_keeps_the_full_sandbox_when_the_probe_passes(env: Env) -> None:
     env.install("--sandbox", "auto")
-    probe = next(c for c in env.calls() if c.startswith("systemd-run "))
+    probe = env.namespace_probes()[0]
     assert "--user --wait" in probe
     for name, value in service.NAMESPACE_SETTINGS:
         assert f"-p {name}={value}" in probe
@@ -227,7 +258,7 @@ def test_sandbox_auto_leaves_out_only_the_settings_this_manager_refuses(
     assert "full except PrivateIPC, ProtectKernelTunables, ProtectKernelLogs" in \
         capsys.readouterr().out
     # The survivors were tried together before they were written.
-    last_probe = [c for c in env.calls() if c.startswith("systemd-run ")][-1]
+    last_probe = env.namespace_probes()[-1]
     assert "-p PrivateUsers=yes -p ProtectSystem=strict" in last_probe
     assert not any(f"-p {n}=" in last_probe for n in refused)
 
@@ -311,6 +342,71 @@ def test_paths_with_spaces_and_percent_signs_are_quoted(env: Env) -> None:
         assert proc.returncode == 0, proc.stderr  # it found the executable: quoting is right
 
 
+def test_sandbox_auto_runs_hooks_in_their_own_units_when_the_runner_works(
+        env: Env, capsys: pytest.CaptureFixture[str]) -> None:
+    env.install("--sandbox", "auto")
+    probe = env.runner_probes()
+    assert len(probe) == 1
+    # The probe is a hook run exactly as run_hook runs one: the runner, then --wait --pipe ...
+    assert probe[0].startswith("systemd-run " + " ".join(service.HOOK_RUNNER[1:]) +
+                               " --quiet --wait --pipe --collect ")
+    assert probe[0].endswith(" -- /bin/sh -c true")
+    text = env.unit.read_text()
+    assert _settings(text)["MemoryDenyWriteExecute"] == ["yes"]
+    assert _runner(text) == service.HOOK_RUNNER
+    assert "hooks: in units of their own" in capsys.readouterr().out
+
+
+def test_without_a_session_bus_hooks_stay_in_the_sandbox_without_mdwe(
+        env: Env, capsys: pytest.CaptureFixture[str]) -> None:
+    # systemctl reaches the manager through its private socket; `systemd-run --wait` needs the
+    # D-Bus session bus (Debian without dbus-user-session).
+    env.monkeypatch.setenv("FAKE_SYSTEMD_RUN_RC", "1")
+    env.monkeypatch.setenv("FAKE_SYSTEMD_RUN_ERR",
+                           "Failed to connect to bus: No such file or directory")
+    env.install("--sandbox", "auto")
+    text = env.unit.read_text()
+    s = _settings(text)
+    assert "MemoryDenyWriteExecute" not in s
+    assert "\n#MemoryDenyWriteExecute=yes\n" in text
+    assert _runner(text) is None
+    assert s["PrivateUsers"] == ["yes"]  # the namespace probe could not tell: full sandbox
+    captured = capsys.readouterr()
+    assert "hooks: inside the sandbox" in captured.out
+    assert "dbus-user-session" in captured.err
+
+
+def test_dry_run_without_a_user_manager_assumes_the_hook_runner(
+        env: Env, capsys: pytest.CaptureFixture[str]) -> None:
+    env.monkeypatch.setenv("FAKE_SYSTEMD_RUN_RC", "1")
+    env.monkeypatch.setenv("FAKE_SYSTEMD_RUN_ERR", "Failed to connect to bus: No medium found")
+    env.install("--dry-run")
+    captured = capsys.readouterr()
+    assert _settings(captured.out)["MemoryDenyWriteExecute"] == ["yes"]
+    assert _runner(captured.out) == service.HOOK_RUNNER
+    assert "could not check whether hooks can run" in captured.err
+
+
+def test_sandbox_full_and_basic_keep_the_runner_without_probing(env: Env) -> None:
+    for sandbox in ("full", "basic"):
+        env.install("--sandbox", sandbox, "--dry-run")
+    assert env.runner_probes() == []
+    env.install("--sandbox", "basic")
+    text = env.unit.read_text()
+    assert _settings(text)["MemoryDenyWriteExecute"] == ["yes"]
+    assert _runner(text) == service.HOOK_RUNNER
+
+
+def test_a_hook_runner_in_config_toml_is_reported_as_overridden(
+        env: Env, capsys: pytest.CaptureFixture[str]) -> None:
+    config = env.home / ".config" / "qwen-refresher" / "config.toml"
+    config.parent.mkdir(parents=True)
+    config.write_text('hook_runner = "systemd-run --user --property=Nice=5"\n')
+    env.install("--sandbox", "full")
+    assert "takes precedence" in capsys.readouterr().err
+    assert _runner(env.unit.read_text()) == service.HOOK_RUNNER
+
+
 # --- uninstall ----------------------------------------------------------------------------------
 
 def test_uninstall_stops_disables_and_removes(env: Env) -> None:
@@ -337,6 +433,189 @@ def test_uninstall_refuses_a_foreign_unit_unless_forced(env: Env) -> None:
 def test_uninstall_without_a_unit_is_a_no_op(env: Env) -> None:
     assert env.run("uninstall-service", "--unit-dir", str(env.unit_dir)) == 0
     assert env.calls() == []
+
+
+# --- the hook runner (hooks.runner_argv, run_hook(runner=...), the hook_runner setting) ----------
+
+FAKE_SYSTEMD_RUN = """#!{python}
+# systemd-run, as far as run_hook uses it: log the argv, start the command after "--" with a
+# manager's environment plus --setenv (NAME alone: the value from our own environment), wait,
+# return its exit status. The unit name goes to a file so that a test can see it was killed.
+import json, os, subprocess, sys
+argv = sys.argv[1:]
+with open(os.environ["FAKE_SYSTEMD_LOG"], "a") as fh:
+    fh.write(json.dumps(argv) + "\\n")
+split = argv.index("--")
+env = {{"PATH": "/usr/bin:/bin", "HOME": os.environ["HOME"]}}
+for arg in argv[:split]:
+    if arg.startswith("--setenv="):
+        name, eq, value = arg[len("--setenv="):].partition("=")
+        env[name] = value if eq else os.environ[name]
+sys.exit(subprocess.run(argv[split + 1:], env=env).returncode)
+"""
+
+RUNNER = ("systemd-run", "--user", "--property=UMask=0077")
+VARIABLES = {"EVENT": "rotated", "PROFILE": "qwen-portal:default",
+             "STORE": "/home/u/.openclaw/agents/main/agent/auth-profiles.json",
+             "EXPIRES_AT": "2026-11-30T12:00:00Z", "EXPIRES_MS": "1796040000000",
+             "PROFILES": "/a/auth-profiles.json#qwen-portal:default\n/b/oauth_creds.json#qwen"}
+
+
+def test_runner_argv_passes_hook_variables_by_value_and_our_environment_by_name() -> None:
+    environ = {"PATH": "/opt/node/bin:/usr/bin", "OPENCLAW_STATE_DIR": "/home/u/.openclaw",
+               "OPENCLAW_GATEWAY_TOKEN": "gw-secret-value",  # from the unit's EnvironmentFile
+               "NOTIFY_SOCKET": "/run/user/1000/systemd/notify", "WATCHDOG_USEC": "60000000",
+               "INVOCATION_ID": "abc", "BASH_FUNC_f%%": "() { :; }",
+               "QWEN_REFRESHER_EVENT": "stale"}
+    argv = hooks.runner_argv(RUNNER, "openclaw secrets reload", VARIABLES, timeout=30,
+                             unit="qwen-refresher-hook-1", environ=environ)
+    assert argv == [
+        "systemd-run", "--user", "--property=UMask=0077",
+        "--quiet", "--wait", "--pipe", "--collect", "--unit=qwen-refresher-hook-1",
+        "--property=RuntimeMaxSec=35s", "--property=TimeoutStopSec=5s",
+        "--setenv=PATH", "--setenv=OPENCLAW_STATE_DIR", "--setenv=OPENCLAW_GATEWAY_TOKEN",
+        "--setenv=QWEN_REFRESHER_EVENT=rotated",
+        "--setenv=QWEN_REFRESHER_PROFILE=qwen-portal:default",
+        "--setenv=QWEN_REFRESHER_STORE=/home/u/.openclaw/agents/main/agent/auth-profiles.json",
+        "--setenv=QWEN_REFRESHER_EXPIRES_AT=2026-11-30T12:00:00Z",
+        "--setenv=QWEN_REFRESHER_EXPIRES_MS=1796040000000",
+        "--setenv=QWEN_REFRESHER_PROFILES=/a/auth-profiles.json#qwen-portal:default\n"
+        "/b/oauth_creds.json#qwen",
+        "--", "/bin/sh", "-c", "openclaw secrets reload"]
+    # No value of our environment is on the command line (`ps` shows it); only names.
+    assert not any("gw-secret-value" in arg or "/opt/node" in arg for arg in argv)
+
+
+def test_runner_argv_rounds_the_unit_limit_up_past_the_timeout() -> None:
+    argv = hooks.runner_argv(RUNNER, "true", {}, timeout=0.5, unit="u", environ={})
+    assert "--property=RuntimeMaxSec=6s" in argv
+    assert argv[-4:] == ["--", "/bin/sh", "-c", "true"]
+
+
+@pytest.fixture
+def fake_runner(env: Env, monkeypatch: pytest.MonkeyPatch) -> tuple[str, ...]:
+    _executable(env.bin / "systemd-run", FAKE_SYSTEMD_RUN.format(python=sys.executable))
+    monkeypatch.setenv("OPENCLAW_GATEWAY_TOKEN", "gw-secret-value")
+    monkeypatch.setenv("NOTIFY_SOCKET", "/run/user/1000/systemd/notify")
+    return (str(env.bin / "systemd-run"), "--user")
+
+
+def _runner_calls(env: Env) -> list[list[str]]:
+    return [json.loads(line) for line in env.calls() if line.startswith("[")]
+
+
+def test_run_hook_through_a_runner_gets_the_variables_and_the_exit_status(
+        env: Env, fake_runner: tuple[str, ...]) -> None:
+    command = ('printf "%s|%s|%s|%s" "$QWEN_REFRESHER_PROFILE" "$OPENCLAW_GATEWAY_TOKEN" '
+               '"${NOTIFY_SOCKET-unset}" "$(umask)"; exit 7')
+    result = hooks.run_hook(command, VARIABLES, timeout=30, runner=fake_runner)
+    assert (result.returncode, result.timed_out) == (7, False)
+    assert result.output == "qwen-portal:default|gw-secret-value|unset|" + result.output[-4:]
+    (argv,) = _runner_calls(env)
+    assert argv[-3:] == ["/bin/sh", "-c", command]
+    assert "--setenv=OPENCLAW_GATEWAY_TOKEN" in argv
+    assert not any("gw-secret-value" in arg for arg in argv)
+    assert not any(arg.startswith("--setenv=NOTIFY_SOCKET") for arg in argv)
+
+
+def test_run_hook_through_a_runner_kills_the_unit_at_the_timeout(
+        env: Env, fake_runner: tuple[str, ...]) -> None:
+    started = time.monotonic()
+    result = hooks.run_hook("echo started; sleep 30", {}, timeout=1, runner=fake_runner)
+    assert result.timed_out and result.returncode is None
+    assert time.monotonic() - started < 10
+    (argv,) = _runner_calls(env)
+    unit = next(a for a in argv if a.startswith("--unit=")).removeprefix("--unit=")
+    assert unit.startswith(hooks.RUNNER_UNIT_PREFIX)
+    # systemd-run is only our window on the unit: the unit itself is killed, in the same scope.
+    assert f"systemctl --user kill --signal=SIGKILL {unit}.service" in env.calls()
+    assert "--property=RuntimeMaxSec=6s" in argv  # and ends by itself should we die first
+
+
+def test_run_hook_without_a_runner_is_unchanged(env: Env) -> None:
+    result = hooks.run_hook('printf %s "$QWEN_REFRESHER_EVENT"', {"EVENT": "rotated"},
+                            timeout=30)
+    assert (result.returncode, result.output) == (0, "rotated")
+    assert env.calls() == []
+
+
+def test_run_hook_reports_a_runner_that_cannot_start(env: Env) -> None:
+    result = hooks.run_hook("true", {}, timeout=5, runner=(str(env.tmp / "no-such-run"),))
+    assert result.returncode is None and "could not start" in result.output
+
+
+@pytest.mark.parametrize(("value", "argv"), [
+    ("", ()),
+    ("none", ()),
+    ("systemd-run --user", ("systemd-run", "--user")),
+    ("/usr/bin/systemd-run --user '--property=Description=qwen hook'",
+     ("/usr/bin/systemd-run", "--user", "--property=Description=qwen hook")),
+])
+def test_hook_runner_setting(tmp_path: Path, value: str, argv: tuple[str, ...]) -> None:
+    s = load_settings(env={"HOME": str(tmp_path), "QWEN_REFRESHER_HOOK_RUNNER": value})
+    assert s.hook_runner_argv == argv
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("sudo -u gateway", "systemd-run"),
+    ("systemd-run --user --scope", "--scope"),
+    ("systemd-run '--property=unterminated", "split"),
+])
+def test_hook_runner_setting_rejects(tmp_path: Path, value: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as info:
+        load_settings(env={"HOME": str(tmp_path), "QWEN_REFRESHER_HOOK_RUNNER": value})
+    assert "QWEN_REFRESHER_HOOK_RUNNER" in str(info.value)
+
+
+def test_hook_runner_default_is_off(tmp_path: Path) -> None:
+    assert load_settings(env={"HOME": str(tmp_path)}).hook_runner_argv == ()
+
+
+def _user_manager_runs_hooks() -> bool:
+    if shutil.which("systemd-run") is None or shutil.which("node") is None:
+        return False
+    try:
+        return subprocess.run(["systemd-run", "--user", "--quiet", "--wait", "--pipe",
+                               "--collect", "/bin/true"], capture_output=True,
+                              timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+MDWE_PROBE = """
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+from qwen_refresher.hooks import run_hook
+runner = tuple(sys.argv[2:])
+hook = "node -e \\"require('fs').writeFileSync(process.argv[1], process.env.QWEN_REFRESHER_PROFILE)\\" "
+out = {}
+for name, use in (("inside", ()), ("runner", runner)):
+    target = os.environ["QWEN_TEST_OUT"] + "." + name
+    r = run_hook(hook + target, {"PROFILE": "qwen-portal:default"}, timeout=60, runner=use)
+    out[name] = [r.returncode, r.timed_out]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not _user_manager_runs_hooks(),
+                    reason="needs a systemd user manager with a D-Bus session bus, and node")
+def test_a_node_hook_escapes_memory_deny_write_execute_through_the_runner(
+        tmp_path: Path) -> None:
+    """For real: a process under MemoryDenyWriteExecute=yes (as the service runs) cannot run a
+    Node.js hook as its child, and can through the shipped runner."""
+    out = tmp_path / "hook-ran"
+    proc = subprocess.run(
+        ["systemd-run", "--user", "--quiet", "--wait", "--pipe", "--collect",
+         "--property=MemoryDenyWriteExecute=yes", f"--setenv=QWEN_TEST_OUT={out}",
+         f"--setenv=PATH={os.environ['PATH']}", "--", sys.executable, "-c", MDWE_PROBE,
+         str(ROOT), *service.HOOK_RUNNER],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["inside"][0] not in (0, None)  # V8 aborts under MemoryDenyWriteExecute
+    assert not Path(f"{out}.inside").exists()
+    assert result["runner"] == [0, False]
+    assert Path(f"{out}.runner").read_text() == "qwen-portal:default"
 
 
 # --- the module and the shipped unit ------------------------------------------------------------
@@ -388,9 +667,9 @@ def test_shipped_unit_has_the_promised_settings() -> None:
     assert s["SystemCallFilter"][0] == "@system-service"
     assert s["ReadWritePaths"] == ["-%h/.openclaw", "-%h/.qwen",
                                    "-%h/.local/state/qwen-refresher"]
-    # The default on_rotate hook is OpenClaw's Node.js CLI, which aborts under
-    # MemoryDenyWriteExecute (V8's JIT; --jitless breaks undici's WebAssembly parser).
-    assert "MemoryDenyWriteExecute" not in s
+    # On, with the hook runner that keeps Node.js hooks (OpenClaw's CLI) out of it.
+    assert one["MemoryDenyWriteExecute"] == "yes"
+    assert _runner(SHIPPED.read_text()) == service.HOOK_RUNNER
     # System-only settings would only flatter the score in a user unit.
     for system_only in ("ProtectProc", "ProcSubset", "ProtectControlGroups", "RemoveIPC",
                         "User", "DynamicUser", "StateDirectory"):
@@ -419,4 +698,13 @@ def test_shipped_unit_exposure_score(tmp_path: Path) -> None:
 @needs_systemd_analyze
 def test_installed_unit_exposure_score(env: Env) -> None:
     env.install("--sandbox", "full")
+    assert _exposure(env.unit) <= MAX_EXPOSURE
+
+
+@needs_systemd_analyze
+def test_installed_unit_without_the_runner_stays_under_the_limit(env: Env) -> None:
+    env.monkeypatch.setenv("FAKE_SYSTEMD_RUN_RC", "1")
+    env.monkeypatch.setenv("FAKE_SYSTEMD_RUN_ERR", "Failed to connect to bus: No such file")
+    env.install("--sandbox", "auto")
+    assert "MemoryDenyWriteExecute" not in _settings(env.unit.read_text())
     assert _exposure(env.unit) <= MAX_EXPOSURE

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -189,6 +190,15 @@ class _DuplicateKey(ValueError):
         self.key = key
 
 
+class _NonStandard(ValueError):
+    pass
+
+
+def _no_constant(name: str) -> Any:
+    """``NaN``/``Infinity`` are Python's extensions to JSON, not JSON."""
+    raise _NonStandard(name)
+
+
 def _depth(text: str) -> int:
     depth = best = 0
     in_string = escaped = False
@@ -230,15 +240,21 @@ def parse_json_document(path: Path, data: bytes) -> dict[str, Any]:
     if _depth(text) > MAX_JSON_DEPTH:
         raise StoreMalformed(path, f"nests deeper than {MAX_JSON_DEPTH} levels")
     try:
-        document = json.loads(text, object_pairs_hook=_no_duplicates)
+        document = json.loads(text, object_pairs_hook=_no_duplicates,
+                              parse_constant=_no_constant)
     except _DuplicateKey as exc:
         raise StoreMalformed(path, f"has the key {exc.key!r} twice in one object") from None
+    except _NonStandard as exc:
+        raise StoreMalformed(path, f"contains {exc.args[0]}, which is not JSON (OpenClaw's "
+                                   "JSON.parse refuses it)") from None
     except json.JSONDecodeError as exc:
         raise StoreMalformed(
             path, f"is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
         ) from None
     except RecursionError:
         raise StoreMalformed(path, "nests too deeply to parse") from None
+    except ValueError as exc:  # e.g. an integer literal longer than Python's digit limit
+        raise StoreMalformed(path, f"cannot be parsed: {str(exc)[:120]}") from None
     if not isinstance(document, dict):
         raise StoreMalformed(path, f"holds a JSON {type(document).__name__}, not an object")
     return document
@@ -261,6 +277,37 @@ def check_expires_ms(value: object, field_name: str) -> tuple[int | None, str | 
     return int(value), None
 
 
+#: Real tokens are a few hundred bytes; anything near this is not a token.
+MAX_TOKEN_LENGTH = 16 * 1024
+
+
+def check_token(value: object, field_name: str) -> str | None:
+    """The problem with a token field's value, or None when it is a plausible token."""
+    if not isinstance(value, str):
+        kind = "missing" if value is None else f"a {type(value).__name__}"
+        return f"{field_name} is {kind}, expected a string"
+    if not value.strip():
+        return f"{field_name} is empty"
+    if len(value) > MAX_TOKEN_LENGTH:
+        return f"{field_name} is {len(value)} characters long, longer than any real token"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"{field_name} contains invalid Unicode (a lone surrogate)"
+    if any(ch.isspace() or ord(ch) < 32 for ch in value.strip()):
+        return f"{field_name} contains whitespace or control characters"
+    return None
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def render_json(document: dict[str, Any]) -> bytes:
-    """Serialize as ``JSON.stringify(doc, null, 2) + "\\n"``, the layout OpenClaw writes."""
-    return (json.dumps(document, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    """Serialize as ``JSON.stringify(doc, null, 2) + "\\n"``, the layout OpenClaw writes.
+
+    Like ``JSON.stringify``, a lone surrogate (possible in a user's own strings) is written as
+    a ``\\uXXXX`` escape, so the file stays valid UTF-8 and its content unchanged.
+    """
+    text = json.dumps(document, indent=2, ensure_ascii=False) + "\n"
+    text = _LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    return text.encode("utf-8")

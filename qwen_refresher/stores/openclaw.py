@@ -9,7 +9,14 @@ from typing import Any, ClassVar
 from ..errors import StoreMalformed
 from ..lockfile import OPENCLAW, LockStyle
 from ..models import QWEN_PROVIDER, Credentials, ProfileKey
-from .base import ProfileRecord, Store, StoreSnapshot, check_expires_ms, render_json
+from .base import (
+    ProfileRecord,
+    Store,
+    StoreSnapshot,
+    check_expires_ms,
+    check_token,
+    render_json,
+)
 
 LOGIN_COMMAND = "openclaw models auth login --provider qwen-portal"
 
@@ -58,16 +65,18 @@ class OpenClawStore(Store):
 
     def _record(self, profile_id: str, entry: dict[str, Any]) -> ProfileRecord:
         access, refresh = entry.get("access"), entry.get("refresh")
-        if not isinstance(refresh, str) or not refresh.strip():
-            what = "missing" if refresh is None else (
-                "empty" if isinstance(refresh, str) else f"a {type(refresh).__name__}")
-            return self._bad(profile_id, f"refresh is {what}; a new login is needed")
-        if access is not None and not isinstance(access, str):
-            return self._bad(profile_id, f"access is a {type(access).__name__}, expected a string")
+        problem = check_token(refresh, "refresh")
+        if problem is not None:
+            return self._bad(profile_id, f"{problem}; a new login is needed")
+        if access is not None:
+            problem = check_token(access, "access") if access != "" else None
+            if problem is not None:
+                return self._bad(profile_id, problem)
         expires, problem = check_expires_ms(entry.get("expires"), "expires")
         if problem is not None or expires is None:
             return self._bad(profile_id, problem or "expires is missing")
-        creds = Credentials(access=access or "", refresh=refresh.strip(), expires_ms=expires)
+        creds = Credentials(access=str(access or ""), refresh=str(refresh).strip(),
+                            expires_ms=expires)
         return ProfileRecord(ProfileKey(self.path, profile_id), creds)
 
     def render(self, snapshot: StoreSnapshot, updates: Mapping[str, Credentials]) -> bytes:

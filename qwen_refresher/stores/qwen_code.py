@@ -14,7 +14,14 @@ from typing import Any, ClassVar
 
 from ..lockfile import QWEN_CODE, LockStyle
 from ..models import Credentials, ProfileKey
-from .base import ProfileRecord, Store, StoreSnapshot, check_expires_ms, render_json
+from .base import (
+    ProfileRecord,
+    Store,
+    StoreSnapshot,
+    check_expires_ms,
+    check_token,
+    render_json,
+)
 
 PROFILE_ID = "qwen-code"
 LOCK_NAME = "oauth_creds.lock"
@@ -36,13 +43,15 @@ class QwenCodeStore(Store):
 
     def extract(self, document: dict[str, Any]) -> dict[str, ProfileRecord]:
         key = ProfileKey(self.path, PROFILE_ID)
-        for name in ("access_token", "refresh_token", "token_type"):
-            value = document.get(name)
-            if not isinstance(value, str) or (name == "refresh_token" and not value.strip()):
-                what = "missing" if value is None else (
-                    "empty" if isinstance(value, str) else f"a {type(value).__name__}")
-                return {PROFILE_ID: ProfileRecord(key, None, f"{name} is {what}, expected a "
-                                                            "non-empty string")}
+        for name in ("access_token", "refresh_token"):
+            problem = check_token(document.get(name), name)
+            if problem is not None:
+                return {PROFILE_ID: ProfileRecord(key, None, problem)}
+        token_type = document.get("token_type")
+        if not isinstance(token_type, str):
+            what = "missing" if token_type is None else f"a {type(token_type).__name__}"
+            return {PROFILE_ID: ProfileRecord(key, None, f"token_type is {what}, expected a "
+                                                        "string")}
         expires, problem = check_expires_ms(document.get("expiry_date"), "expiry_date")
         if problem is not None or expires is None:
             return {PROFILE_ID: ProfileRecord(key, None, problem)}

@@ -144,6 +144,24 @@ class Daemon:
         """``wait_for`` only reads ``.output`` from its daemon argument."""
         return self
 
+    def tracebacks(self) -> tuple[int, int]:
+        """Tracebacks printed (before, after) the daemon logged ``stopping``.
+
+        After ``stopping``, APScheduler 3.11's ``shutdown(wait=False)`` can race its own job
+        processing thread (JobLookupError); that noise is counted apart from real crashes.
+        """
+        before = after = 0
+        stopping = False
+        for line in list(self.lines):
+            if '"event": "stopping"' in line:
+                stopping = True
+            elif line.startswith("Traceback"):
+                if stopping:
+                    after += 1
+                else:
+                    before += 1
+        return before, after
+
     @property
     def health_address(self) -> str | None:
         for event in self.named("health_listening"):

@@ -110,6 +110,7 @@ class CorpusRun:
     outside_changed: bool = False
     rc: int | None = None
     healthy_rotations: int = 0
+    tracebacks: int = 0
     seconds: float = 0.0
 
     def errors_for(self, case: StoreCase) -> list[dict[str, Any]]:
@@ -218,6 +219,7 @@ def _run(run: CorpusRun) -> None:
     finally:
         run.rc = daemon.stop()
     run.events, run.output = list(daemon.events), daemon.output
+    run.tracebacks = daemon.tracebacks()[0]
     run.healthy_rotations = fake_rotations(fake)
     for case in run.cases:
         run.after[case.name] = tree(run.paths[case.name].parent)
@@ -243,7 +245,7 @@ def run_problems(run: CorpusRun) -> list[str]:
         out.append(f"the healthy agent was rotated {run.healthy_rotations} times, expected 2+")
     if run.outside_changed:
         out.append("the files outside the agent directories changed")
-    if "Traceback" in run.output:
+    if run.tracebacks:
         out.append("an unexpected exception was logged")
     try:
         assert_no_leaks([run.output, *run.texts, *run.in_process.values()],

@@ -172,5 +172,5 @@ def test_openclaw_writer_and_daemon_share_the_file(oc: OpenClawHome, tmp_path: P
     assert final_token == newest and live_at_fake(fake, final_token), "the newest token is lost"
     assert orphans == 0, f"{orphans} issued tokens neither in the store nor traded in"
     assert fake.reuse_count == 0, "a consumed refresh token was sent again"
-    assert "Traceback" not in daemon.output
+    assert daemon.tracebacks()[0] == 0, "an unexpected exception was logged"
     assert_no_leaks([daemon.output, *texts, metrics], fake_secrets(fake))
