@@ -243,7 +243,7 @@ def test_sandbox_auto_falls_back_to_basic_when_user_namespaces_are_refused(
 def test_sandbox_auto_leaves_out_only_the_settings_this_manager_refuses(
         env: Env, capsys: pytest.CaptureFixture[str]) -> None:
     # What a systemd 252 user manager inside a container refused on the development machine.
-    refused = ("PrivateIPC", "ProtectKernelTunables", "ProtectKernelLogs")
+    refused = ("PrivateMounts", "ProtectKernelTunables", "ProtectKernelLogs")
     env.monkeypatch.setenv("FAKE_SYSTEMD_RUN_REFUSE", " ".join(f"{n}=yes" for n in refused))
     env.install("--sandbox", "auto")
     text = env.unit.read_text()
@@ -254,8 +254,8 @@ def test_sandbox_auto_leaves_out_only_the_settings_this_manager_refuses(
         else:
             assert s[name] == [value], name
     assert len(s["ReadWritePaths"]) == 3
-    assert "\n# PrivateIPC=, ProtectKernelTunables=, ProtectKernelLogs=\n" in text
-    assert "full except PrivateIPC, ProtectKernelTunables, ProtectKernelLogs" in \
+    assert "\n# PrivateMounts=, ProtectKernelTunables=, ProtectKernelLogs=\n" in text
+    assert "full except PrivateMounts, ProtectKernelTunables, ProtectKernelLogs" in \
         capsys.readouterr().out
     # The survivors were tried together before they were written.
     last_probe = env.namespace_probes()[-1]
@@ -587,7 +587,8 @@ import json, os, sys
 sys.path.insert(0, sys.argv[1])
 from qwen_refresher.hooks import run_hook
 runner = tuple(sys.argv[2:])
-hook = "node -e \\"require('fs').writeFileSync(process.argv[1], process.env.QWEN_REFRESHER_PROFILE)\\" "
+hook = ("node -e \\"require('fs').writeFileSync(process.argv[1], "
+        "process.env.QWEN_REFRESHER_PROFILE)\\" ")
 out = {}
 for name, use in (("inside", ()), ("runner", runner)):
     target = os.environ["QWEN_TEST_OUT"] + "." + name
