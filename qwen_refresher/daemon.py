@@ -64,6 +64,8 @@ from .watcher import DirectoryWatcher
 REVERT_FREE_RETRIES = 2
 #: A wall-clock step larger than this between two main-loop ticks means suspend or a reset.
 CLOCK_JUMP = 5.0
+#: Secrets no store holds any more are still scrubbed from logs for this long.
+REDACT_RECENT = 24 * 3600.0
 #: How long state.json changes are gathered before one write.
 PUBLISH_DELAY = 0.1
 
@@ -151,6 +153,7 @@ class Daemon:
         self.views: dict[ProfileKey, View] = {}
         self.runtime: dict[ProfileKey, Runtime] = defaultdict(Runtime)
         self.families: dict[str, Family] = {}
+        self.family_of: dict[ProfileKey, str] = {}
         self.issued: dict[str, float] = {}
         self.reverts: dict[str, _Reverts] = defaultdict(_Reverts)
         self._last_published: bytes | None = None
@@ -169,6 +172,7 @@ class Daemon:
         self._watched: dict[Path, bool] = {}
         #: family jobs handed to the pool and not finished yet
         self._running: set[str] = set()
+        self._login_episode = False
         self.metrics: Any = None
         self.health: Any = None
         self.notifier: Any = None
@@ -206,12 +210,13 @@ class Daemon:
 
     def _setup_services(self) -> None:
         """Metrics, the health endpoint and notifications."""
-        from .metrics import Metrics
-
-        self.metrics = Metrics(self.profile_statuses)
         address = self.settings.listen_address
         if address is not None:
+            # Metrics exist only to be scraped: without an HTTP server, no prometheus-client.
             from .health import HealthServer
+            from .metrics import Metrics
+
+            self.metrics = Metrics(self.profile_statuses)
 
             self.health = HealthServer(address[0], address[1], live_fn=self.alive,
                                        profiles_fn=self.profile_statuses, metrics=self.metrics)
@@ -377,12 +382,24 @@ class Daemon:
                                   "now refreshes on its own")
 
     # -- planning -------------------------------------------------------------------------------
-    def reconcile(self) -> None:
-        """Group profiles into families and (re)schedule one job per family."""
+    def reconcile(self, touched: set[ProfileKey] | None = None) -> None:
+        """Group profiles into families and (re)schedule one job per family.
+
+        ``touched``: only these profiles changed (one store read, one refresh), so only their
+        families are re-planned; without it, everything is (start, sweep, discovery). A
+        refresh storm over thousands of stores stays O(family) per refresh this way.
+        """
         now = time.time()
         with self._lock:
+            if touched is None:
+                keys = set(self.views)
+                old_ids = set(self.families)
+                self.families = {}
+            else:
+                keys, old_ids = self._affected(touched)
             groups: dict[str, list[ProfileKey]] = defaultdict(list)
-            for key, view in self.views.items():
+            for key in keys:
+                view = self.views[key]
                 rt = self.runtime[key]
                 if view.creds is None or view.fp is None:
                     rt.state, rt.last_error, rt.family = "invalid_store", view.problem, None
@@ -390,15 +407,41 @@ class Daemon:
                     continue
                 groups[self.history.newest(view.fp)].append(key)
             families: dict[str, Family] = {}
-            for head, keys in groups.items():
-                keys.sort()
-                family = self._plan_family(head, keys, now)
+            for head, members in groups.items():
+                members.sort()
+                family = self._plan_family(head, members, now)
                 families[family.id] = family
-            for job_id in set(self.families) - set(families):
+            for job_id in old_ids - set(families):
+                self.families.pop(job_id, None)
                 with contextlib.suppress(Exception):
                     self.scheduler.remove_job(job_id)
-            self.families = families
+            self.families.update(families)
+            for family in families.values():
+                for key in family.keys:
+                    self.family_of[key] = family.id
+            if touched is None:
+                self.family_of = {k: f.id for f in self.families.values() for k in f.keys}
+            else:
+                grouped = {k for f in families.values() for k in f.keys}
+                for key in (keys | touched) - grouped:
+                    self.family_of.pop(key, None)
         self.publish()
+
+    def _affected(self, touched: set[ProfileKey]) -> tuple[set[ProfileKey], set[str]]:
+        """The profiles whose grouping can change when ``touched`` changed, and their old
+        families: the touched profiles' families, and any family sharing a head with them."""
+        touched = {k for k in touched if k in self.views} | {
+            k for k in touched if k in self.family_of}
+        old_ids = {self.family_of[k] for k in touched if k in self.family_of}
+        heads = {self.history.newest(v.fp) for k in touched
+                 if (v := self.views.get(k)) is not None and v.fp is not None}
+        old_ids |= {f.id for f in self.families.values() if f.head in heads}
+        keys = {k for k in touched if k in self.views}
+        for job_id in old_ids:
+            family = self.families.get(job_id)
+            if family is not None:
+                keys |= {k for k in family.keys if k in self.views}
+        return keys, old_ids
 
     def _plan_family(self, head: str, keys: list[ProfileKey], now: float) -> Family:
         views = [self.views[k] for k in keys]
@@ -484,6 +527,9 @@ class Daemon:
                 return
             self._active += 1
         outcome = None
+        with self._lock:
+            family = self.families.get(job_id)
+            keys = set(family.keys) if family is not None else set()
         try:
             outcome = self._run_family_inner(job_id)
         finally:
@@ -494,13 +540,12 @@ class Daemon:
                 self._active_cv.notify_all()
         if self.stop.is_set():
             return
-        self.reconcile()
+        self.reconcile(keys)
         if outcome is not None and outcome.result == "rejected":
             # state.json says needs_login before anyone is told so (status agrees with
             # the notification), not a publish delay later.
             self.publish_now()
-        if self.notifier is not None:
-            self.notifier.update(self.profile_statuses())
+        self._notify()
 
     def _job_submitted(self, event: JobSubmissionEvent) -> None:
         if event.job_id.startswith("refresh:"):
@@ -652,9 +697,21 @@ class Daemon:
         if info is None:
             self.rescan_all()
             return
+        before = set(self.keys_by_store.get(path, set()))
         self.read_store(info)
-        self.reconcile()
-        if self.notifier is not None:
+        self.reconcile(before | self.keys_by_store.get(path, set()))
+        self._notify()
+
+    def _notify(self) -> None:
+        """Let the notifier diff the profiles, but only while a login episode is in play (or
+        has just ended): building every profile's status after each of thousands of refreshes
+        would cost more than the refreshes."""
+        if self.notifier is None:
+            return
+        with self._lock:
+            in_play = any(rt.state == "needs_login" for rt in self.runtime.values())
+        if in_play or self._login_episode:
+            self._login_episode = in_play
             self.notifier.update(self.profile_statuses())
 
     def request_scan(self) -> None:
@@ -668,8 +725,26 @@ class Daemon:
             for info in self.stores.values():
                 info.digest = None  # force re-planning even when bytes are unchanged
         self.rescan_all()
-        if self.notifier is not None:
-            self.notifier.update(self.profile_statuses())
+        self._forget_the_past()
+
+    def _forget_the_past(self) -> None:
+        """Keep memory proportional to profiles, not to refreshes done: secrets that are
+        neither live nor recent leave the redactor, lifetimes of gone tokens are dropped."""
+        now = time.time()
+        with self._lock:
+            live: set[str] = set()
+            fps: set[str] = set()
+            for view in self.views.values():
+                if view.creds is not None and view.fp is not None:
+                    live |= {view.creds.access, view.creds.refresh}
+                    fps.add(view.fp)
+                    remembered = self.history.credentials(self.history.newest(view.fp))
+                    if remembered is not None:
+                        live |= {remembered.access, remembered.refresh}
+            self.issued = {fp: t for fp, t in self.issued.items() if fp in fps}
+        # A rotated-away access token stays valid until it expires (Qwen's live ~6 h).
+        REDACTOR.retain(live, newer_than=now - REDACT_RECENT)
+        self._notify()
 
     # -- publishing -----------------------------------------------------------------------------
     def profile_statuses(self) -> list[ProfileStatus]:
@@ -704,7 +779,9 @@ class Daemon:
         with self._publish_lock:
             if self._publish_timer is not None:
                 return
-            timer = threading.Timer(PUBLISH_DELAY, self.publish_now)
+            # Many profiles: gather longer, one state.json of thousands of rows costs ~20 ms.
+            delay = PUBLISH_DELAY if len(self.views) < 200 else 10 * PUBLISH_DELAY
+            timer = threading.Timer(delay, self.publish_now)
             timer.daemon = True
             self._publish_timer = timer
         timer.start()
@@ -806,7 +883,7 @@ class Daemon:
         sdnotify.ready()
         self.publish()
         watchdog = sdnotify.watchdog_interval()
-        tick = min(watchdog, 15.0) if watchdog else 15.0
+        tick = max(0.2, min(15.0, self.settings.remind_interval / 2, watchdog or 15.0))
         wall, mono = time.time(), time.monotonic()
         while not self.stop.is_set():
             self._wake.wait(tick)
@@ -823,8 +900,8 @@ class Daemon:
             if self._reload_requested and not self.stop.is_set():
                 self._reload_requested = False
                 self.reload()
-            if self.notifier is not None and not self.stop.is_set():
-                self.notifier.update(self.profile_statuses())
+            if not self.stop.is_set():
+                self._notify()  # reminders while a login is needed; free otherwise
         self.log.info("stopping")
         sdnotify.stopping()
         self.shutdown()

@@ -21,8 +21,9 @@ from collections import OrderedDict
 
 from .models import Credentials
 
-#: Lineage links kept; each is two short hex strings, so this is a few hundred KB at most.
-MAX_LINKS = 4096
+#: Lineage links kept: several rotations' worth for thousands of profiles (each link is two
+#: 24-character hex strings, ~200 bytes with the dict: ~10 MB at the cap).
+MAX_LINKS = 50_000
 
 
 class TokenHistory:

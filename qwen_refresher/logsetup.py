@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import time
 from collections.abc import MutableMapping
 from typing import Any, TextIO
 
@@ -24,10 +25,53 @@ SECRET_KEYS = frozenset({
 MASK = "[redacted]"
 #: Secrets remembered at most (live ones are re-added on every read).
 MAX_SECRETS = 100_000
+#: Secrets added since the last merge into the large tier.
+RECENT_TIER = 256
 #: Longest secret put in the automaton; longer ones are scrubbed with a plain replace.
 MAX_AUTOMATON_WORD = 16 * 1024
 #: Shorter strings are not treated as secrets (they would mask ordinary words).
 MIN_SECRET = 8
+
+
+class _Tier:
+    """A set of secrets and the automaton that finds them (built lazily when it changed)."""
+
+    def __init__(self) -> None:
+        self.secrets: dict[str, float] = {}  # secret -> when it was added
+        self._automaton: Any = None
+        self._dirty = False
+
+    def add(self, secret: str, when: float) -> None:
+        if secret not in self.secrets:
+            self.secrets[secret] = when
+            self._dirty = True
+
+    def replace(self, secrets: dict[str, float]) -> None:
+        self.secrets, self._dirty = secrets, True
+
+    def automaton(self) -> Any:
+        if self._dirty:
+            automaton = None
+            if self.secrets:
+                automaton = ahocorasick.Automaton()
+                for secret in self.secrets:
+                    automaton.add_word(secret, len(secret))
+                automaton.make_automaton()
+            self._automaton, self._dirty = automaton, False
+        return self._automaton
+
+
+def _apply(automaton: Any, text: str) -> str:
+    out: list[str] = []
+    start = 0
+    for end, length in automaton.iter_long(text):
+        out.append(text[start:end - length + 1])
+        out.append(MASK)
+        start = end + 1
+    if not out:
+        return text
+    out.append(text[start:])
+    return "".join(out)
 
 
 class Redactor:
@@ -35,18 +79,21 @@ class Redactor:
 
     A daemon with a thousand stores knows thousands of tokens, and every log line must be
     checked against all of them, tokens that may share long prefixes (a JWT's header). An
-    Aho-Corasick automaton (pyahocorasick) finds every one of them in a single pass over the
-    line, whatever their number; it is rebuilt lazily, once per batch of new secrets.
+    Aho-Corasick automaton (pyahocorasick) finds every one of them in one pass over the line,
+    whatever their number. Secrets live in two tiers, like an LSM tree: new ones go to a small
+    tier that is cheap to rebuild after every rotation, and are merged into the large tier
+    only every ``RECENT_TIER`` additions. ``retain`` drops secrets that are neither live nor
+    recent, so memory follows the number of profiles, not the number of refreshes.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._secrets: dict[str, None] = {}
-        self._automaton: Any = None
-        self._dirty = False
+        self._stable = _Tier()
+        self._recent = _Tier()
         self._long: list[str] = []
 
     def add(self, *secrets: str | None) -> None:
+        now = time.time()
         with self._lock:
             for secret in secrets:
                 if not secret or len(secret) < MIN_SECRET:
@@ -57,39 +104,40 @@ class Redactor:
                     if secret not in self._long:
                         self._long.append(secret)
                         del self._long[:-16]
-                elif secret not in self._secrets:
-                    self._secrets[secret] = None
-                    self._dirty = True
-            while len(self._secrets) > MAX_SECRETS:  # bounded: forget the oldest
-                del self._secrets[next(iter(self._secrets))]
+                elif secret not in self._stable.secrets:
+                    self._recent.add(secret, now)
+            if len(self._recent.secrets) > RECENT_TIER:
+                merged = {**self._stable.secrets, **self._recent.secrets}
+                while len(merged) > MAX_SECRETS:  # bounded: forget the oldest
+                    del merged[next(iter(merged))]
+                self._stable.replace(merged)
+                self._recent.replace({})
 
-    def _current(self) -> Any:
+    def retain(self, live: set[str], *, newer_than: float) -> None:
+        """Forget secrets that are not ``live`` and were added before ``newer_than``.
+
+        A rotated access token stays valid until it expires, so callers keep recent secrets
+        for a token lifetime even when no store holds them any more.
+        """
         with self._lock:
-            if self._dirty:
-                automaton = ahocorasick.Automaton()
-                for secret in self._secrets:
-                    automaton.add_word(secret, len(secret))
-                automaton.make_automaton()
-                self._automaton, self._dirty = automaton, False
-            return self._automaton
+            merged = {**self._stable.secrets, **self._recent.secrets}
+            kept = {s: t for s, t in merged.items() if s in live or t >= newer_than}
+            self._stable.replace(kept)
+            self._recent.replace({})
+
+    def __len__(self) -> int:
+        return len(self._stable.secrets) + len(self._recent.secrets)
 
     def scrub(self, text: str) -> str:
         for secret in self._long:
             text = text.replace(secret, MASK)
-        automaton = self._current()
-        if automaton is None or len(text) < MIN_SECRET:
+        if len(text) < MIN_SECRET:
             return text
-        out: list[str] = []
-        start = 0
-        for end, length in automaton.iter_long(text):
-            begin = end - length + 1
-            out.append(text[start:begin])
-            out.append(MASK)
-            start = end + 1
-        if not out:
-            return text
-        out.append(text[start:])
-        return "".join(out)
+        with self._lock:
+            automata = [a for a in (self._stable.automaton(), self._recent.automaton()) if a]
+        for automaton in automata:
+            text = _apply(automaton, text)
+        return text
 
     def scrub_value(self, value: Any) -> Any:
         if isinstance(value, str):

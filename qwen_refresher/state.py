@@ -104,7 +104,7 @@ def read_state(state_dir: Path) -> PublishedState | None:
 
 def write_state(state_dir: Path, state: PublishedState) -> None:
     ensure_private_dir(state_dir)
-    data = json.dumps(state, indent=1, sort_keys=True).encode()
+    data = json.dumps(state, sort_keys=True, separators=(",", ":")).encode()
     atomic_write(state_dir / STATE_FILE, data, mode=0o600)
 
 

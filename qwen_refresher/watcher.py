@@ -56,6 +56,10 @@ class _Handler(FileSystemEventHandler):
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.event_type in ("opened", "closed", "closed_no_write"):
             return
+        if event.is_directory and event.event_type == "modified":
+            # Every write in a directory "modifies" it; only a directory created, moved or
+            # deleted can add or remove a store, and the file's own event covers the rest.
+            return
         for raw in (event.src_path, getattr(event, "dest_path", "")):
             path = os.fsdecode(raw) if raw else ""
             if path and (event.is_directory or os.path.basename(path) in self._names):

@@ -66,3 +66,25 @@ def test_an_absurdly_long_secret_is_scrubbed_without_crashing() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-500:]
+
+
+def test_secrets_survive_the_merge_into_the_large_tier() -> None:
+    r = Redactor()
+    tokens = [f"tok-{i:020d}" for i in range(1000)]  # several merges of the recent tier
+    for t in tokens:
+        r.add(t)
+    assert len(r) == 1000
+    assert all(r.scrub(f"x {t} y") == f"x {MASK} y" for t in tokens[::97])
+
+
+def test_retain_forgets_old_dead_secrets_but_keeps_live_and_recent_ones() -> None:
+    r = Redactor()
+    r.add("old-dead-token-0001", "live-token-000002")
+    cutoff = time.time() + 1
+    r.retain({"live-token-000002"}, newer_than=cutoff)
+    assert len(r) == 1
+    assert r.scrub("old-dead-token-0001") == "old-dead-token-0001"
+    assert r.scrub("live-token-000002") == MASK
+    r.add("brand-new-token-03")
+    r.retain(set(), newer_than=time.time() - 60)
+    assert r.scrub("brand-new-token-03") == MASK
