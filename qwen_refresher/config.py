@@ -121,7 +121,7 @@ class Settings(BaseSettings):
     lock_timeout: Seconds = 40.0
     hook_timeout: Seconds = 30.0
     hook_runner: HookRunner = ""
-    debounce: Seconds = 0.1
+    debounce: Seconds = 0.05
     state_dir: Path = Field(default_factory=paths.default_state_dir)
     stores: list[Path] = Field(default_factory=list)
     discover: bool = True
