@@ -374,6 +374,9 @@ def max_window(times: Sequence[float], window: float) -> int:
 # --------------------------------------------------------------------------- the daemon
 
 
+_SKIPPED_JOB = re.compile(r'Execution of job "([^ "(]+)')
+
+
 def _parse_ts(value: Any) -> float | None:
     if not isinstance(value, str):
         return None
@@ -407,6 +410,7 @@ class Daemon:
         #: APScheduler's "skipped: maximum number of running instances reached" warnings: a
         #: family's job re-added while an instance of it is queued or running.
         self.skipped_runs = 0
+        self.skipped_by_job: Counter[str] = Counter()
         self.spawned_at = time.time()
         self.proc = subprocess.Popen(argv, cwd=ROOT, env=home.env(**(env or {})),
                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -434,6 +438,8 @@ class Daemon:
             with self._cond:
                 if event is None and "maximum number of running instances" in line:
                     self.skipped_runs += 1
+                    job = _SKIPPED_JOB.search(line)
+                    self.skipped_by_job[job.group(1) if job else "?"] += 1
                 elif event is None:
                     self.other.append(line)
                 else:
@@ -471,6 +477,10 @@ class Daemon:
             lines = [json.dumps({k: v for k, v in e.items() if not k.startswith("_")})
                      for e in self.events[-n:]] + self.other[-n:]
         return "\n".join(lines)
+
+    def signal(self, signum: int) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signum)
 
     def stop(self, timeout: float = 30.0) -> int:
         if self.proc.poll() is None:

@@ -26,10 +26,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from qwen_refresher.testing.fake_qwen import FakeQwen, IssuedTokens
-from tests.harness import ROOT, OpenClawHome, all_tokens, assert_no_secrets, wait_for
+from tests.harness import ROOT, OpenClawHome, all_tokens, assert_no_secrets
 
 HERE = Path(__file__).resolve().parent
 LAST_RUN = HERE / "last-run.json"
@@ -41,7 +41,8 @@ PYTHON = sys.executable
 
 def record_figures(suite: str, figures: dict[str, Any], *, long_run: bool,
                    command: str) -> None:
-    """Print the figures of one suite and merge them into ``last-run.json``.
+    """Print the figures of one suite and merge them into ``last-run.json`` (under the
+    suite's name, ``<suite>_long`` for a ``--long`` run).
 
     Several xdist workers may finish at once, so the merge happens under an flock of the file.
     """
@@ -61,7 +62,7 @@ def record_figures(suite: str, figures: dict[str, Any], *, long_run: bool,
             doc = {}
         if not isinstance(doc, dict):
             doc = {}
-        doc[suite] = entry
+        doc[suite if not long_run else f"{suite}_long"] = entry
         fh.seek(0)
         fh.truncate()
         fh.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
@@ -69,6 +70,23 @@ def record_figures(suite: str, figures: dict[str, Any], *, long_run: bool,
 
 def invocation_command(args: Sequence[str]) -> str:
     return " ".join([".venv/bin/pytest", *args])
+
+
+class HasOutput(Protocol):
+    @property
+    def output(self) -> str: ...
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str,
+             daemon: HasOutput | None = None, interval: float = 0.05) -> None:
+    """``tests.harness.wait_for`` for any daemon runner (ours or the harness's)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    detail = ("\n--- daemon output ---\n" + daemon.output[-4000:]) if daemon else ""
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}{detail}")
 
 
 # -- the daemon ---------------------------------------------------------------------------------
@@ -133,16 +151,12 @@ class Daemon:
 
     def wait_event(self, name: str, timeout: float = 20.0, at_least: int = 1) -> dict[str, Any]:
         wait_for(lambda: self.count(name) >= at_least or self.proc.poll() is not None,
-                 timeout, f"event {name!r} x{at_least}", self._as_harness())
+                 timeout, f"event {name!r} x{at_least}", self)
         found = self.named(name)
         if len(found) < at_least:
             raise AssertionError(f"daemon exited ({self.proc.returncode}) before {name!r}:\n"
                                  + self.output[-4000:])
         return found[at_least - 1]
-
-    def _as_harness(self) -> Any:
-        """``wait_for`` only reads ``.output`` from its daemon argument."""
-        return self
 
     def tracebacks(self) -> tuple[int, int]:
         """Tracebacks printed (before, after) the daemon logged ``stopping``.

@@ -1,9 +1,17 @@
 """A chaos server: 200 profiles in 50 agent directories while the fake fails ~30% of refreshes.
 
-During the chaos period the fake fails refreshes at random (500/502/503, dropped connections,
-empty and HTML 200s) and a side thread queues 429s with ``Retry-After: 3`` and timeouts (the
-fake holds the request longer than the daemon's ``--http-timeout``). Then the server heals, and
-the daemon must bring every profile back to a valid token on its own.
+200 qwen-portal profiles, 4 per agent store, 40 token families shared by two agents: 160
+families. Tokens live 30 s (seeded with 5-30 s, so most come due during the chaos period).
+During the chaos period (20 s in CI, 5 min with ``--long``) the fake fails refreshes at random
+(500/502/503, dropped connections, empty and HTML 200s) and a side thread queues 429s with
+``Retry-After: 3`` and timeouts (the fake holds the request longer than the daemon's
+``--http-timeout``). Then the server heals, and the daemon must bring every profile back to a
+valid token (live at the server, not expiring within a second, access token matching the
+refresh token, every member of a family on the same token, state ok) on its own.
+
+Why 30 s and not "a few seconds": with ``max_concurrent_refreshes`` 4 and an fsync per write,
+the daemon sustains some 70 rotations a second on an idle 2-core machine but a dozen when the
+other CI worker runs the concurrent-writer suite; 160 families at 30 s stay below that.
 
 The request-rate bound, derived from the daemon's design (``daemon.py``, ``planner.py``):
 
@@ -12,10 +20,15 @@ The request-rate bound, derived from the daemon's design (``daemon.py``, ``plann
 - after a failed attempt number n (n consecutive failures), the next attempt of that family
   waits ``backoff_delay(n) >= min(2**(n-1), retry_max)`` seconds (tenacity's exponential
   back-off, initial 1 s, plus non-negative jitter), and at least ``Retry-After`` after a 429,
-  counted from the end of the failed request (so a timeout adds the request's own duration);
+  counted from the end of the failed request (so a timeout adds the request's own duration,
+  less what the fake's late start can hide, ``ACCEPT_LATENESS``);
 - after a success the new token is refreshed no sooner than ``lifetime - margin' - jitter``
   after it was issued (``planner.refresh_at``: margin' is the margin, or half the lifetime when
-  the lifetime is under twice the margin).
+  the lifetime is under twice the margin). The margin here (10 s) is under half the lifetime,
+  so the plan does not depend on the daemon knowing when it obtained a token: see
+  ``test_our_own_short_lived_token_is_refreshed_at_half_its_life`` for the case where it does;
+- the worker pool (4) caps requests in flight, but not their rate, so it does not enter the
+  bound.
 
 So the gaps between consecutive requests of one family are at least 1, 2, 4, 4, ... seconds
 into a failure streak and at least the success spacing after a success. This is checked gap by
@@ -41,7 +54,7 @@ import pytest
 
 from qwen_refresher.state import read_state
 from qwen_refresher.testing.fake_qwen import FakeQwen, FakeQwenConfig, RequestRecord
-from tests.harness import OpenClawHome, qwen_profile, wait_for
+from tests.harness import OpenClawHome, qwen_profile
 from tests.reliability.conftest import Figures
 from tests.reliability.support import (
     Daemon,
@@ -49,13 +62,14 @@ from tests.reliability.support import (
     fake_secrets,
     live_at_fake,
     status_outputs,
+    wait_for,
 )
 
 AGENTS = 50
 SLOTS = 4  # qwen-portal profiles per agent: 200 in all
-LIFETIME = 20.0
-MARGIN = 6.0
-JITTER = 1.0
+LIFETIME = 30.0
+MARGIN = 10.0  # under half the lifetime: the margin, not the half-life rule, plans
+JITTER = 2.0
 RETRY_MAX = 4.0
 HTTP_TIMEOUT = 1.5
 TIMEOUT_HOLD = 2.5  # how long the fake sits on a "timeout" request (> HTTP_TIMEOUT)
@@ -63,8 +77,11 @@ RETRY_AFTER = 3.0
 RANDOM_FAILURE_P = 0.2  # plus the injected 429s and timeouts: about 30% in all
 RANDOM_KINDS = ("500", "502", "503", "drop", "empty200", "html200")
 CI_CHAOS_S, LONG_CHAOS_S = 20.0, 300.0
-#: Clock and scheduling slack allowed on each measured gap.
-TOLERANCE = 0.05
+#: Clock and scheduling slack allowed on each measured gap (a busy CI machine).
+TOLERANCE = 0.1
+#: How late the fake may start handling a request it was sent: a timed-out request's start
+#: is inferred from the fake's side, so the daemon's own wait on it is credited minus this.
+ACCEPT_LATENESS = 0.5
 #: What a healthy profile's state may be: between two refreshes, never worse.
 SETTLED_STATES = frozenset({"ok", "due", "refreshing"})
 #: APScheduler's warning when a job fires while its previous run is still queued or running.
@@ -85,7 +102,7 @@ def failure_gap(n: int, fault: str | None) -> float:
     if fault == "429":
         gap = max(gap, RETRY_AFTER)
     if fault == "timeout":
-        gap += HTTP_TIMEOUT
+        gap += HTTP_TIMEOUT - ACCEPT_LATENESS
     return gap
 
 
@@ -142,7 +159,7 @@ def seed(oc: OpenClawHome, fake: FakeQwen, families: dict[str, list[tuple[int, s
                                                     "key": "k"}}} for n in range(AGENTS)}
     for members in families.values():
         # Staggered lifetimes, as a fleet of logins made at different times would have.
-        access, refresh, expires = fake.issue_tokens(lifetime=rng.uniform(8.0, 26.0))
+        access, refresh, expires = fake.issue_tokens(lifetime=rng.uniform(5.0, 30.0))
         for agent, profile in members:
             docs[agent]["profiles"][profile] = qwen_profile(access, refresh, expires)
     return {n: oc.write_store(doc, agent=agent_name(n)) for n, doc in docs.items()}
@@ -226,9 +243,9 @@ def test_chaos_server_200_profiles(oc: OpenClawHome, tmp_path: Path, long_run: b
                         bad.append(f"{name}: expired {(now_ms - first['expires']) / 1000:.1f}s ago")
                     elif issued[token].access_token != first["access"]:
                         bad.append(f"{name}: access token does not match the refresh token")
-                state = read_state(oc.our_state) or {}
+                state = read_state(oc.our_state)
                 bad += [f"{p['store']}#{p['profile']}: {p['state']}" for p in
-                        state.get("profiles", []) if p["state"] not in SETTLED_STATES]
+                        (state["profiles"] if state else []) if p["state"] not in SETTLED_STATES]
                 return bad
 
             try:
@@ -299,7 +316,11 @@ def test_chaos_server_200_profiles(oc: OpenClawHome, tmp_path: Path, long_run: b
         "max_rate": {f"{w:g}s": {"seen": seen, "bound": bound}
                      for w, (seen, bound) in windows.items()},
         "reuse_count": fake.reuse_count,
-        "scheduler_skip_warnings": sum(1 for line in daemon.lines if SKIPPED in line),
+        "scheduler_skips": {
+            "refresh_jobs": sum(1 for line in daemon.lines
+                                if SKIPPED in line and "_run_family" in line),
+            "other_jobs": sum(1 for line in daemon.lines
+                              if SKIPPED in line and "_run_family" not in line)},
         "tracebacks_at_shutdown": daemon.tracebacks()[1],
         "readyz": ready[0],
         "status_states": sorted({p["state"] for p in status["profiles"]}),
@@ -320,12 +341,16 @@ def test_chaos_server_200_profiles(oc: OpenClawHome, tmp_path: Path, long_run: b
     assert_no_leaks([daemon.output, *texts, *scrapes], fake_secrets(fake))
 
 
-@pytest.mark.xfail(reason="BUG: Daemon._schedule re-adds the date job of a family whose run is "
-                          "still queued or running; APScheduler fires it, skips it (max_instances"
-                          "=1), logs a warning and drops it, on every reconcile", strict=True)
 @pytest.mark.timeout(60)
 def test_a_backlog_of_refreshes_is_not_rescheduled_into_skips(oc: OpenClawHome) -> None:
-    """More families due than workers (4): the queued ones must simply wait their turn."""
+    """More families due than workers (4): the queued ones must simply wait their turn.
+
+    Found by the chaos suite: Daemon._schedule used to re-add the date job of a family whose
+    run was still queued or running; APScheduler counts a queued run as a running instance,
+    so it fired the new job, skipped it (max_instances=1), logged a warning and dropped it, on
+    every reconcile: 200k warnings in two minutes and a daemon too busy to refresh. Fixed in
+    94fd15a.
+    """
     with FakeQwen(FakeQwenConfig(lifetime=3600)) as fake:
         for n in range(8):
             access, refresh, expires = fake.issue_tokens(lifetime=2.0)
@@ -338,3 +363,32 @@ def test_a_backlog_of_refreshes_is_not_rescheduled_into_skips(oc: OpenClawHome) 
         skipped = sum(1 for line in daemon.lines if SKIPPED in line)
         assert fake.reuse_count == 0
         assert skipped == 0, f"{skipped} scheduler runs fired and were skipped"
+
+
+@pytest.mark.xfail(reason="BUG: Daemon.read_store takes a view's issued_at from self.issued, "
+                          "which _apply_outcome sets only after engine.run returns; the scan "
+                          "triggered by our own store write can read the new token first, and "
+                          "the view keeps issued_at=None, so a short-lived token is planned "
+                          "with the full margin: refreshed back to back", strict=True)
+@pytest.mark.timeout(60)
+def test_our_own_short_lived_token_is_refreshed_at_half_its_life(oc: OpenClawHome) -> None:
+    """Found by the chaos suite (refreshes 3.1 s apart where the design allows 4 s).
+
+    A token that lives less than the margin must be refreshed at half its life, "never in a
+    loop" (planner.refresh_at), which needs to know when we obtained it. With the watch
+    debounce at 0 the scan of our own write nearly always wins the race, which makes the
+    bug deterministic; with the default 0.1 s it shows under load.
+    """
+    with FakeQwen(FakeQwenConfig(lifetime=2.0)) as fake:
+        access, refresh, expires = fake.issue_tokens(lifetime=2.0)
+        oc.write_store({"version": 1, "profiles": {
+            "qwen-portal:default": qwen_profile(access, refresh, expires)}})
+        env = oc.env(QWEN_REFRESHER_DEBOUNCE="0")
+        with Daemon(oc, fake, "--margin", "3", "--jitter", "0", "--no-qwen-code",
+                    env=env) as daemon:
+            wait_for(lambda: len(fake.refresh_requests()) >= 5, 20, "five refreshes", daemon)
+        times = [r.monotonic for r in fake.refresh_requests()]
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        assert fake.reuse_count == 0
+        # Half of a 2 s life, less scheduling slack.
+        assert min(gaps) >= 0.9, f"refreshes {min(gaps):.2f}s apart, {len(times)} in all"
