@@ -45,6 +45,7 @@ from .planner import Timing, backoff_delay, refresh_at
 from .qwen import QwenOAuthClient
 from .state import (
     JOURNAL_FILE,
+    LINEAGE_FILE,
     STATE_FILE,
     DaemonLock,
     ProfileState,
@@ -64,8 +65,8 @@ from .watcher import DirectoryWatcher
 REVERT_FREE_RETRIES = 2
 #: A wall-clock step larger than this between two main-loop ticks means suspend or a reset.
 CLOCK_JUMP = 5.0
-#: Secrets no store holds any more are still scrubbed from logs for this long.
-REDACT_RECENT = 24 * 3600.0
+#: Secrets are scrubbed from logs until their token expires, plus this much (clock skew).
+REDACT_GRACE = 60.0
 #: How long state.json changes are gathered before one write.
 PUBLISH_DELAY = 0.1
 
@@ -145,7 +146,7 @@ class Daemon:
         state_dir = settings.state_dir
         self.daemon_lock = DaemonLock(state_dir)
         self.salt = b""
-        self.history = TokenHistory()
+        self.history = TokenHistory(state_dir / LINEAGE_FILE)
         self.journal = Journal(state_dir)
         self.client = self._make_client(settings)
         self.engine: Engine | None = None
@@ -189,9 +190,9 @@ class Daemon:
 
     def _restore(self) -> None:
         """Reload lineage, rejections and pending rotations left by the previous run."""
+        self.history.load()
         previous = read_state(self.settings.state_dir)
         if previous is not None:
-            self.history.load_links(dict(previous.get("lineage", {})))
             rejected = previous.get("rejected", {})
             self.history.load_rejected({fp: (float(v[0]), str(v[1])) for fp, v in
                                         rejected.items() if isinstance(v, list) and len(v) == 2})
@@ -200,7 +201,7 @@ class Daemon:
                 rt = self.runtime[key]
                 rt.last_refresh_at = prof.get("last_refresh_at")
         for replaces, fp, creds, _members in self.journal.pending():
-            REDACTOR.add(creds.access, creds.refresh)
+            REDACTOR.add(creds.access, creds.refresh, until=creds.expires_at + REDACT_GRACE)
             self.history.link(replaces, fp)
             self.history.remember(fp, creds)
             self.issued.setdefault(fp, time.time())
@@ -317,7 +318,8 @@ class Daemon:
                                        profile=profile_id, problem=record.problem)
                     self.views[key] = View(store, None, record.problem, None, None)
                     continue
-                REDACTOR.add(record.creds.access, record.creds.refresh)
+                REDACTOR.add(record.creds.access, record.creds.refresh,
+                             until=record.creds.expires_at + REDACT_GRACE)
                 fp = fingerprint(record.creds.refresh, self.salt)
                 issued = self.issued.get(fp)
                 if previous is not None and previous.fp == fp:
@@ -585,7 +587,8 @@ class Daemon:
             reason = _failure_reason(outcome) if result not in ("rotated", "synced") else None
             self.metrics.refresh_finished(result, outcome.duration, reason)
         if outcome.creds is not None and outcome.fp is not None:
-            REDACTOR.add(outcome.creds.access, outcome.creds.refresh)
+            REDACTOR.add(outcome.creds.access, outcome.creds.refresh,
+                         until=outcome.creds.expires_at + REDACT_GRACE)
             if result == "rotated":
                 self.issued[outcome.fp] = now
         with self._lock:
@@ -730,7 +733,6 @@ class Daemon:
     def _forget_the_past(self) -> None:
         """Keep memory proportional to profiles, not to refreshes done: secrets that are
         neither live nor recent leave the redactor, lifetimes of gone tokens are dropped."""
-        now = time.time()
         with self._lock:
             live: set[str] = set()
             fps: set[str] = set()
@@ -742,8 +744,9 @@ class Daemon:
                     if remembered is not None:
                         live |= {remembered.access, remembered.refresh}
             self.issued = {fp: t for fp, t in self.issued.items() if fp in fps}
-        # A rotated-away access token stays valid until it expires (Qwen's live ~6 h).
-        REDACTOR.retain(live, newer_than=now - REDACT_RECENT)
+        # A rotated-away access token stays valid until it expires: each secret was added
+        # with its token's expiry, and is kept until then even when no store holds it.
+        REDACTOR.retain(live)
         self._notify()
 
     # -- publishing -----------------------------------------------------------------------------
@@ -806,7 +809,6 @@ class Daemon:
             },
             "profiles": profiles,
             "stores": self.store_statuses(),
-            "lineage": self.history.links(),
             "rejected": {fp: [t, r] for fp, (t, r) in self.history.rejected().items()},
         }
         body = json.dumps(state, sort_keys=True).encode()

@@ -15,9 +15,12 @@ journal does that while a write is pending), so a store that was reverted can be
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 import time
 from collections import OrderedDict
+from pathlib import Path
 
 from .models import Credentials
 
@@ -27,22 +30,60 @@ MAX_LINKS = 50_000
 
 
 class TokenHistory:
-    def __init__(self) -> None:
+    def __init__(self, log_path: Path | None = None) -> None:
         self._lock = threading.Lock()
+        self._log_path = log_path
         self._successors: OrderedDict[str, str] = OrderedDict()
         self._rejected: OrderedDict[str, tuple[float, str]] = OrderedDict()
         self._latest: dict[str, Credentials] = {}
 
     # -- lineage ----------------------------------------------------------------------------
     def link(self, old: str, new: str) -> None:
-        """Record that ``old`` was replaced by ``new`` (a rotation)."""
+        """Record that ``old`` was replaced by ``new`` (a rotation), in memory and on disk.
+
+        On disk the links form an append-only log (one short line per rotation, no rewrite
+        of anything), so a restarted daemon still recognises a store reverted to a token
+        consumed long ago; ``load`` compacts it.
+        """
         if old == new:
             return
         with self._lock:
+            if self._successors.get(old) == new:
+                return
             self._successors[old] = new
             self._successors.move_to_end(old)
             while len(self._successors) > MAX_LINKS:
                 self._successors.popitem(last=False)
+            if self._log_path is not None:
+                with contextlib.suppress(OSError):
+                    fd = os.open(self._log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                    try:
+                        os.write(fd, f"{old} {new}\n".encode())
+                    finally:
+                        os.close(fd)
+
+    def load(self) -> None:
+        """Read the lineage log and rewrite it compacted (the newest ``MAX_LINKS`` links)."""
+        if self._log_path is None:
+            return
+        try:
+            lines = self._log_path.read_text(encoding="ascii", errors="replace").splitlines()
+        except OSError:
+            return
+        with self._lock:
+            for line in lines:
+                parts = line.split()
+                if len(parts) == 2 and parts[0] != parts[1]:
+                    self._successors[parts[0]] = parts[1]
+                    self._successors.move_to_end(parts[0])
+            while len(self._successors) > MAX_LINKS:
+                self._successors.popitem(last=False)
+            if len(lines) > len(self._successors):
+                from .fileio import atomic_write
+
+                data = "".join(f"{a} {b}\n" for a, b in self._successors.items()).encode()
+                with contextlib.suppress(OSError, ValueError):
+                    atomic_write(self._log_path, data, mode=0o600)
 
     def is_superseded(self, fp: str) -> bool:
         with self._lock:
@@ -62,10 +103,6 @@ class TokenHistory:
     def superseded(self) -> list[str]:
         with self._lock:
             return list(self._successors)
-
-    def load_links(self, links: dict[str, str]) -> None:
-        for old, new in links.items():
-            self.link(old, new)
 
     def links(self) -> dict[str, str]:
         with self._lock:

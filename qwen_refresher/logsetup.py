@@ -25,6 +25,8 @@ SECRET_KEYS = frozenset({
 MASK = "[redacted]"
 #: Secrets remembered at most (live ones are re-added on every read).
 MAX_SECRETS = 100_000
+#: How long a secret added without an explicit lifetime is scrubbed.
+DEFAULT_KEEP = 24 * 3600.0
 #: Secrets added since the last merge into the large tier.
 RECENT_TIER = 256
 #: Longest secret put in the automaton; longer ones are scrubbed with a plain replace.
@@ -37,14 +39,14 @@ class _Tier:
     """A set of secrets and the automaton that finds them (built lazily when it changed)."""
 
     def __init__(self) -> None:
-        self.secrets: dict[str, float] = {}  # secret -> when it was added
+        self.secrets: dict[str, float] = {}  # secret -> scrub at least until this time
         self._automaton: Any = None
         self._dirty = False
 
-    def add(self, secret: str, when: float) -> None:
+    def add(self, secret: str, until: float) -> None:
         if secret not in self.secrets:
-            self.secrets[secret] = when
             self._dirty = True
+        self.secrets[secret] = max(until, self.secrets.get(secret, 0.0))
 
     def replace(self, secrets: dict[str, float]) -> None:
         self.secrets, self._dirty = secrets, True
@@ -92,8 +94,14 @@ class Redactor:
         self._recent = _Tier()
         self._long: list[str] = []
 
-    def add(self, *secrets: str | None) -> None:
+    def add(self, *secrets: str | None, until: float | None = None) -> None:
+        """Scrub these from now on, at least until ``until`` (default: a day from now).
+
+        A token is worth hiding while it could still be used: an access token until it
+        expires, a refresh token while a store holds it (``retain`` keeps those).
+        """
         now = time.time()
+        keep = until if until is not None else now + DEFAULT_KEEP
         with self._lock:
             for secret in secrets:
                 if not secret or len(secret) < MIN_SECRET:
@@ -104,25 +112,24 @@ class Redactor:
                     if secret not in self._long:
                         self._long.append(secret)
                         del self._long[:-16]
-                elif secret not in self._stable.secrets:
-                    self._recent.add(secret, now)
+                elif secret in self._stable.secrets:
+                    self._stable.secrets[secret] = max(keep, self._stable.secrets[secret])
+                else:
+                    self._recent.add(secret, keep)
             if len(self._recent.secrets) > RECENT_TIER:
-                merged = {**self._stable.secrets, **self._recent.secrets}
+                merged = {s: t for s, t in {**self._stable.secrets, **self._recent.secrets}
+                          .items() if t >= now}
                 while len(merged) > MAX_SECRETS:  # bounded: forget the oldest
                     del merged[next(iter(merged))]
                 self._stable.replace(merged)
                 self._recent.replace({})
 
-    def retain(self, live: set[str], *, newer_than: float) -> None:
-        """Forget secrets that are not ``live`` and were added before ``newer_than``.
-
-        A rotated access token stays valid until it expires, so callers keep recent secrets
-        for a token lifetime even when no store holds them any more.
-        """
+    def retain(self, live: set[str]) -> None:
+        """Forget secrets that are not ``live`` and whose keep-until time has passed."""
+        now = time.time()
         with self._lock:
             merged = {**self._stable.secrets, **self._recent.secrets}
-            kept = {s: t for s, t in merged.items() if s in live or t >= newer_than}
-            self._stable.replace(kept)
+            self._stable.replace({s: t for s, t in merged.items() if s in live or t >= now})
             self._recent.replace({})
 
     def __len__(self) -> int:

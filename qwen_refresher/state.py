@@ -25,6 +25,7 @@ SCHEMA_VERSION = 1
 STATE_FILE = "state.json"
 JOURNAL_FILE = "journal.json"
 SALT_FILE = "salt"
+LINEAGE_FILE = "lineage.log"
 DAEMON_LOCK = "daemon.lock"
 
 ProfileState = Literal[
@@ -66,9 +67,6 @@ class PublishedState(TypedDict):
     daemon: DaemonInfo
     profiles: list[ProfileStatus]
     stores: list[StoreStatus]
-    #: Lineage links (consumed refresh-token fingerprint -> its successor), so a restarted
-    #: daemon still recognises a reverted store.
-    lineage: NotRequired[dict[str, str]]
     #: Fingerprints the server rejected -> [when, reason]: never sent again after a restart.
     rejected: NotRequired[dict[str, list[float | str]]]
 

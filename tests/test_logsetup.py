@@ -77,14 +77,12 @@ def test_secrets_survive_the_merge_into_the_large_tier() -> None:
     assert all(r.scrub(f"x {t} y") == f"x {MASK} y" for t in tokens[::97])
 
 
-def test_retain_forgets_old_dead_secrets_but_keeps_live_and_recent_ones() -> None:
+def test_retain_forgets_expired_dead_secrets_but_keeps_live_and_valid_ones() -> None:
     r = Redactor()
-    r.add("old-dead-token-0001", "live-token-000002")
-    cutoff = time.time() + 1
-    r.retain({"live-token-000002"}, newer_than=cutoff)
-    assert len(r) == 1
+    r.add("old-dead-token-0001", until=time.time() - 1)  # expired, no store holds it
+    r.add("live-token-000002", until=time.time() - 1)  # expired, but a store holds it
+    r.add("rotated-access-03", until=time.time() + 3600)  # rotated away, still valid
+    r.retain({"live-token-000002"})
+    assert len(r) == 2
     assert r.scrub("old-dead-token-0001") == "old-dead-token-0001"
-    assert r.scrub("live-token-000002") == MASK
-    r.add("brand-new-token-03")
-    r.retain(set(), newer_than=time.time() - 60)
-    assert r.scrub("brand-new-token-03") == MASK
+    assert r.scrub("live-token-000002 rotated-access-03") == f"{MASK} {MASK}"
