@@ -1,14 +1,16 @@
 """The daemon with a cheap log redactor: a what-if for benchmarks, NOT the shipped code.
 
-``qwen_refresher.logsetup.Redactor.add`` recompiles one regular expression alternating over
-every secret it has ever been told about (up to 10,000) each time a new token is seen. Compiling
-that alternation costs about 0.5 s at 4,000 secrets and 2.4 s at 10,000 on the benchmark machine,
-so start-up with many profiles and every refresh pay for it. This shim swaps in the fix the
-benchmarks suggest, to show what the rest of the daemon costs once that is gone:
+The shipped ``qwen_refresher.logsetup.Redactor`` keeps a structure over every secret it knows
+(a regular expression until 064adfe, Aho-Corasick automata since) and rebuilds it as secrets
+arrive. This shim swaps in a redactor whose cost does not depend on the number of secrets, to
+show what the rest of the daemon costs without that:
 
-- ``add`` only adds to a set (copy-on-write, newest 10,000 kept);
-- ``scrub`` finds token-shaped runs with one fixed regular expression and masks those that are
-  known secrets (a set lookup), so its cost does not grow with the number of secrets.
+- ``add`` only records the secret (copy-on-write dict, newest 10,000 kept);
+- ``scrub`` finds token-shaped runs with one fixed regular expression and masks the runs that
+  are known secrets (a set lookup): O(length of the text), whatever the number of secrets;
+- ``retain`` (when the shipped class has it) forgets secrets neither live nor recent.
+
+Its state lives in attributes of its own, so it works whatever the shipped class keeps.
 
 Usage (as ``python -m qwen_refresher``): ``python benchmarks/_fast_redactor.py run ...``
 """
@@ -17,6 +19,9 @@ from __future__ import annotations
 
 import re
 import sys
+import threading
+import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -26,22 +31,47 @@ from qwen_refresher import logsetup
 
 _TOKEN_SHAPED = re.compile(r"[A-Za-z0-9._~+/=-]{6,}")
 _KEEP = 10_000
+_MIN = 6
+_LOCK = threading.Lock()
+
+
+def _known(self: Any) -> dict[str, float]:
+    known: dict[str, float] = self.__dict__.get("_fast_known", {})
+    return known
+
+
+def _publish(self: Any, known: dict[str, float]) -> None:
+    self.__dict__["_fast_known"] = known
+    self.__dict__["_fast_set"] = frozenset(known)
 
 
 def _add(self: Any, *secrets: str | None) -> None:
-    fresh = [s for s in secrets if s and len(s) >= 6 and s not in self._secrets]
-    if not fresh:
-        return
-    with self._lock:
-        known = dict.fromkeys(self._fast_order if hasattr(self, "_fast_order") else ())
-        known.update(dict.fromkeys(fresh))
-        order = list(known)[-_KEEP:]
-        self._fast_order = order
-        self._secrets = frozenset(order)
+    now = time.time()
+    with _LOCK:
+        current = _known(self)
+        fresh = [s for s in secrets if s and len(s) >= _MIN and s not in current]
+        if not fresh:
+            return
+        known = dict(current)
+        for secret in fresh:
+            known[secret] = now
+        while len(known) > _KEEP:
+            del known[next(iter(known))]
+        _publish(self, known)
+
+
+def _retain(self: Any, live: Iterable[str], *, newer_than: float) -> None:
+    keep = set(live)
+    with _LOCK:
+        _publish(self, {s: t for s, t in _known(self).items() if s in keep or t >= newer_than})
+
+
+def _len(self: Any) -> int:
+    return len(_known(self))
 
 
 def _scrub(self: Any, text: str) -> str:
-    known = self._secrets
+    known: frozenset[str] = self.__dict__.get("_fast_set", frozenset())
     if not known:
         return text
     return _TOKEN_SHAPED.sub(
@@ -50,6 +80,10 @@ def _scrub(self: Any, text: str) -> str:
 
 logsetup.Redactor.add = _add  # type: ignore[method-assign]
 logsetup.Redactor.scrub = _scrub  # type: ignore[method-assign]
+if hasattr(logsetup.Redactor, "retain"):
+    logsetup.Redactor.retain = _retain  # type: ignore[method-assign,unused-ignore]
+if hasattr(logsetup.Redactor, "__len__"):
+    logsetup.Redactor.__len__ = _len  # type: ignore[method-assign,unused-ignore]
 
 if __name__ == "__main__":
     from qwen_refresher.cli import main

@@ -11,7 +11,7 @@ taking OpenClaw's lock, re-reading under it, and sending the HTTP request. The t
 Four real daemons run side by side (5 stores x 2 profiles each, tokens living 6 h), and trials
 go round-robin between them so machine noise hits all alike:
 
-- debounce 0.1 s (the default, ``QWEN_REFRESHER_DEBOUNCE``) or 0;
+- debounce at its default (``QWEN_REFRESHER_DEBOUNCE`` unset; printed) or 0;
 - the writer rewriting the file in place, as OpenClaw does (truncate + write: the first event
   can see an empty file), or atomically (temp file + rename, as editors and Qwen Code do).
 
@@ -87,10 +87,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds between trials (lets the daemon's own write settle)")
     opts = parser.parse_args(argv)
     repeats = opts.repeats or (15 if opts.quick else 50)
+    default_debounce = _default_debounce()
     variants = [
-        Variant("debounce 0.1 s (default), in-place write", None, False),
+        Variant(f"debounce {default_debounce} (default), in-place write", None, False),
         Variant("debounce 0, in-place write", "0", False),
-        Variant("debounce 0.1 s (default), atomic rename", None, True),
+        Variant(f"debounce {default_debounce} (default), atomic rename", None, True),
         Variant("debounce 0, atomic rename", "0", True),
     ]
     header("reaction: external write of new tokens -> refresh request at the fake server",
@@ -137,6 +138,16 @@ def main(argv: list[str] | None = None) -> int:
           f"{'MET' if met else 'MISSED'}")
     footer()
     return 0
+
+
+def _default_debounce() -> str:
+    """The daemon's default ``debounce`` setting, read from the code being measured."""
+    try:
+        from qwen_refresher.config import Settings
+
+        return f"{float(Settings.model_fields['debounce'].default):g} s"
+    except (ImportError, KeyError, TypeError, ValueError):
+        return "?"
 
 
 def _trial(v: Variant, fake: TimedFake, trial: int, pause: float) -> None:
