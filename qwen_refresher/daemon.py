@@ -21,7 +21,7 @@ import signal
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
@@ -34,7 +34,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from . import __version__, discovery, paths, sdnotify
 from .config import Settings, is_loopback_host, load_settings
 from .engine import Engine, Member, Outcome
-from .errors import ConfigError, StoreError, StoreUnreadable
+from .errors import ConfigError, LockTimeout, StoreError, StoreMalformed, StoreUnreadable
 from .fileio import remove_stale_temp_files
 from .history import TokenHistory
 from .hooks import resolve_on_rotate, run_hook
@@ -65,6 +65,8 @@ from .watcher import DirectoryWatcher
 REVERT_FREE_RETRIES = 2
 #: A wall-clock step larger than this between two main-loop ticks means suspend or a reset.
 CLOCK_JUMP = 5.0
+#: How long a read that found a malformed file waits for the writer's lock to look again.
+LOCKED_REREAD_TIMEOUT = 2.0
 #: Secrets are scrubbed from logs until their token expires, plus this much (clock skew).
 REDACT_GRACE = 60.0
 #: How long state.json changes are gathered before one write.
@@ -112,13 +114,12 @@ class _Reverts:
     last: float = 0.0
 
 
-@dataclass
+@dataclass(eq=False)  # identity: one per managed store
 class _StoreInfo:
     store: Store
     explicit: bool
     digest: str | None = None
     error: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Daemon:
@@ -155,7 +156,6 @@ class Daemon:
         self.runtime: dict[ProfileKey, Runtime] = defaultdict(Runtime)
         self.families: dict[str, Family] = {}
         self.family_of: dict[ProfileKey, str] = {}
-        self.issued: dict[str, float] = {}
         self.reverts: dict[str, _Reverts] = defaultdict(_Reverts)
         self._last_published: bytes | None = None
         self._publish_timer: threading.Timer | None = None
@@ -203,8 +203,7 @@ class Daemon:
         for replaces, fp, creds, _members in self.journal.pending():
             REDACTOR.add(creds.access, creds.refresh, until=creds.expires_at + REDACT_GRACE)
             self.history.link(replaces, fp)
-            self.history.remember(fp, creds)
-            self.issued.setdefault(fp, time.time())
+            self.history.remember(fp, creds, issued_at=time.time())
             self.log.warning("journal_replay", family=fp[:12],
                              message="tokens received before a crash or a failed write are "
                                      "being written to their stores")
@@ -296,6 +295,22 @@ class Daemon:
         store = info.store
         try:
             snap = store.read_settled()
+        except StoreMalformed:
+            # Perhaps a writer caught between truncate and write, preempted for longer than
+            # our settle pauses: look once more, under the writer's own lock, before calling
+            # the file broken.
+            try:
+                with store.lock(timeout=LOCKED_REREAD_TIMEOUT, stop=self.stop).held():
+                    snap = store.read()
+            except StoreError as exc:
+                self._store_failed(info, exc)
+                return
+            except (LockTimeout, OSError):
+                try:
+                    snap = store.read()
+                except StoreError as exc:
+                    self._store_failed(info, exc)
+                    return
         except StoreError as exc:
             self._store_failed(info, exc)
             return
@@ -321,8 +336,8 @@ class Daemon:
                 REDACTOR.add(record.creds.access, record.creds.refresh,
                              until=record.creds.expires_at + REDACT_GRACE)
                 fp = fingerprint(record.creds.refresh, self.salt)
-                issued = self.issued.get(fp)
-                if previous is not None and previous.fp == fp:
+                issued = self.history.issued_at(fp)
+                if issued is None and previous is not None and previous.fp == fp:
                     issued = previous.issued_at
                 elif previous is not None and previous.fp is not None:
                     self._observe_change(key, previous, fp)
@@ -455,7 +470,7 @@ class Daemon:
             remembered = self.history.credentials(head)
             fallback = max(views, key=lambda v: v.creds.expires_ms if v.creds else 0)
             creds = remembered or fallback.creds
-            issued = self.issued.get(head, fallback.issued_at)
+            issued = self.history.issued_at(head) or fallback.issued_at
         assert creds is not None
         job_id = f"refresh:{keys[0]}"
         previous = self.families.get(job_id)
@@ -573,10 +588,9 @@ class Daemon:
         outcome = self.engine.run(members, due_at=due_at)
         self._apply_outcome(family, members, outcome)
         with self._lock:
-            for member in members:
-                info = self.stores.get(member.store.path)
-                if info is not None:
-                    self.read_store(info)
+            infos = [self.stores.get(m.store.path) for m in members]
+        for info in dict.fromkeys(i for i in infos if i is not None):
+            self.read_store(info)
         return outcome
 
     def _apply_outcome(self, family: Family, members: list[Member], outcome: Outcome) -> None:
@@ -589,8 +603,6 @@ class Daemon:
         if outcome.creds is not None and outcome.fp is not None:
             REDACTOR.add(outcome.creds.access, outcome.creds.refresh,
                          until=outcome.creds.expires_at + REDACT_GRACE)
-            if result == "rotated":
-                self.issued[outcome.fp] = now
         with self._lock:
             keys = [m.key for m in members]
             for key in keys:
@@ -735,15 +747,12 @@ class Daemon:
         neither live nor recent leave the redactor, lifetimes of gone tokens are dropped."""
         with self._lock:
             live: set[str] = set()
-            fps: set[str] = set()
             for view in self.views.values():
                 if view.creds is not None and view.fp is not None:
                     live |= {view.creds.access, view.creds.refresh}
-                    fps.add(view.fp)
                     remembered = self.history.credentials(self.history.newest(view.fp))
                     if remembered is not None:
                         live |= {remembered.access, remembered.refresh}
-            self.issued = {fp: t for fp, t in self.issued.items() if fp in fps}
         # A rotated-away access token stays valid until it expires: each secret was added
         # with its token's expiry, and is kept until then even when no store holds it.
         REDACTOR.retain(live)

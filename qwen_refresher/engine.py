@@ -253,7 +253,7 @@ class Engine:
             # Persist first: from here on the old refresh token is dead, and this is the only
             # copy of the new one until the stores have it.
             self.history.link(best_fp, new_fp)
-            self.history.remember(new_fp, new)
+            self.history.remember(new_fp, new, issued_at=received_at)
             try:
                 self.journal.record(best_fp, new_fp, new, [m.key for m in members])
             except (OSError, StoreError) as exc:

@@ -36,6 +36,7 @@ class TokenHistory:
         self._successors: OrderedDict[str, str] = OrderedDict()
         self._rejected: OrderedDict[str, tuple[float, str]] = OrderedDict()
         self._latest: dict[str, Credentials] = {}
+        self._issued: dict[str, float] = {}
 
     # -- lineage ----------------------------------------------------------------------------
     def link(self, old: str, new: str) -> None:
@@ -128,12 +129,26 @@ class TokenHistory:
             self._rejected.update(entries)
 
     # -- newest credentials -----------------------------------------------------------------
-    def remember(self, fp: str, creds: Credentials) -> None:
+    def remember(self, fp: str, creds: Credentials, *, issued_at: float | None = None) -> None:
+        """Keep the newest credentials of a lineage, and when we obtained them.
+
+        The time is recorded here, before any store is written, so that a scan triggered by
+        our own write already knows the token's lifetime (a short-lived token is then planned
+        at half its life, not by the margin alone).
+        """
         with self._lock:
             self._latest[fp] = creds
+            if issued_at is not None:
+                self._issued[fp] = issued_at
             # Keep only lineage heads: anything superseded is dead weight (and a dead secret).
             for old in [k for k in self._latest if k in self._successors]:
                 del self._latest[old]
+            for old in [k for k in self._issued if k in self._successors]:
+                del self._issued[old]
+
+    def issued_at(self, fp: str) -> float | None:
+        with self._lock:
+            return self._issued.get(fp)
 
     def credentials(self, fp: str) -> Credentials | None:
         with self._lock:

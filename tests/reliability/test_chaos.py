@@ -365,11 +365,6 @@ def test_a_backlog_of_refreshes_is_not_rescheduled_into_skips(oc: OpenClawHome) 
         assert skipped == 0, f"{skipped} scheduler runs fired and were skipped"
 
 
-@pytest.mark.xfail(reason="BUG: Daemon.read_store takes a view's issued_at from self.issued, "
-                          "which _apply_outcome sets only after engine.run returns; the scan "
-                          "triggered by our own store write can read the new token first, and "
-                          "the view keeps issued_at=None, so a short-lived token is planned "
-                          "with the full margin: refreshed back to back", strict=True)
 @pytest.mark.timeout(60)
 def test_our_own_short_lived_token_is_refreshed_at_half_its_life(oc: OpenClawHome) -> None:
     """Found by the chaos suite (refreshes 3.1 s apart where the design allows 4 s).
