@@ -278,6 +278,9 @@ class Daemon:
         by_dir: dict[Path, set[str]] = defaultdict(set)
         for info in infos:
             by_dir[info.store.path.parent].add(info.store.path.name)
+            with contextlib.suppress(StoreError, OSError):
+                lock = info.store.lock_path()
+                by_dir[lock.parent].add(lock.name)  # lockfile.py's link-into-place temp
         by_dir[self.settings.state_dir] |= {STATE_FILE, JOURNAL_FILE}
         for directory, names in by_dir.items():
             for path in remove_stale_temp_files(directory, names):

@@ -12,9 +12,11 @@ later, holding nothing.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
+import secrets
 import threading
 import time
 import uuid
@@ -115,7 +117,40 @@ class FileLock:
         self._content: bytes | None = None
 
     def _try_create(self) -> bool:
+        """Create the lock file, content included, in one atomic step.
+
+        OpenClaw and Qwen Code create the file, then write into it; killed in between, they
+        leave an empty lock that blocks everyone until its mtime goes stale. We write the
+        content to a temporary file and hard-link it into place, which is just as exclusive
+        (``link`` fails if the name exists) and never leaves an empty lock behind. Where hard
+        links are not supported, the ordinary exclusive create is used.
+        """
         content = self.style.make_content()
+        tmp = self.lock_path.with_name(f".{self.lock_path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        except OSError:
+            return self._create_in_place(content)
+        try:
+            try:
+                os.write(fd, content)
+            finally:
+                os.close(fd)
+            try:
+                os.link(tmp, self.lock_path, follow_symlinks=False)
+            except FileExistsError:
+                return False
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                    raise
+                return self._create_in_place(content)
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        self._content = content
+        return True
+
+    def _create_in_place(self, content: bytes) -> bool:
         try:
             fd = os.open(
                 self.lock_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600
