@@ -818,6 +818,7 @@ class Daemon:
                 "updated_at": 0.0,
                 "next_sweep_at": sweep.next_run_time.timestamp()
                 if sweep is not None and sweep.next_run_time else None,
+                "margin": self.settings.margin,
             },
             "profiles": profiles,
             "stores": self.store_statuses(),

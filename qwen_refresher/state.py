@@ -39,6 +39,8 @@ class DaemonInfo(TypedDict):
     started_at: float
     updated_at: float
     next_sweep_at: float | None
+    #: The daemon's refresh margin, so that status judges "due" the way the daemon does.
+    margin: NotRequired[float]
 
 
 class ProfileStatus(TypedDict):

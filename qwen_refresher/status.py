@@ -486,7 +486,10 @@ def collect(settings: StatusSettings, env: Mapping[str, str], now: float) -> Rep
     published, published_at = read_published(settings.state_dir)
     if pid is not None and published is not None and _published_by(published, pid):
         profiles = published_profiles(published)
-        refresh_expiries(profiles, now, settings.margin, published_at)
+        # The running daemon's margin decides what is "due", not the one these flags say.
+        margin = published["daemon"].get("margin")
+        margin = float(margin) if isinstance(margin, int | float) else settings.margin
+        refresh_expiries(profiles, now, margin, published_at)
         stores = published_stores(published)
         profiles += _broken_store_rows(stores, profiles)
         daemon = published["daemon"]

@@ -117,3 +117,21 @@ def test_a_second_daemon_on_the_same_state_dir_refuses_to_start(oc: OpenClawHome
                               env=oc.env(), capture_output=True, text=True, timeout=30)
     assert proc.returncode == 75
     assert "already" in proc.stderr and str(os.getpid()) not in proc.stderr.split("pid")[0]
+
+
+def test_status_judges_due_with_the_running_daemons_margin(oc: OpenClawHome,
+                                                           fake: FakeQwen) -> None:
+    """A store rotated after the daemon's last publish is re-read by status, which must use
+    the daemon's margin (here 5 s), not its own default (15 min)."""
+    path = seed(oc, fake, lifetime=600)
+    with DaemonProcess(oc, fake, margin="5") as daemon:
+        daemon.wait_event("started")
+        time.sleep(0.5)
+        access, refresh, expires = fake.issue_tokens(lifetime=600)
+        oc.write_store({"version": 1, "profiles": {
+            "qwen-portal:default": qwen_profile(access, refresh, expires)}})
+        proc = subprocess.run([sys.executable, "-m", "qwen_refresher", "status", "--json"],
+                              cwd=ROOT, env=oc.env(), capture_output=True, text=True, timeout=30)
+    rows = json.loads(proc.stdout)["profiles"]
+    assert [r["state"] for r in rows] == ["ok"], rows
+    assert str(path) == rows[0]["store"]

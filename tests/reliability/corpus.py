@@ -37,8 +37,8 @@ class StoreCase:
     build: Callable[[Path, Tokens, Path], None]  # (store path, tokens, a dir outside agents)
     #: Run alone (its own daemon): the case used to take the whole daemon down.
     isolated: bool = False
-    #: Needs a daemon that is not root (root reads any file).
-    needs_non_root: bool = False
+    #: Needs a daemon bound by file permissions (root without its override reads nothing here).
+    needs_permission_checks: bool = False
     kind: str = "openclaw"
     bug: str | None = None  # set while the daemon gets this case wrong (xfail, strict)
 
@@ -297,8 +297,8 @@ STORE_CASES: list[StoreCase] = [
     StoreCase("fifo", "a FIFO", "is not a regular file", "store_invalid", _fifo),
     StoreCase("directory", "a directory", "is a directory, not a file", "store_invalid",
               _directory),
-    StoreCase("unreadable", "mode 000 (daemon not root)", "permission denied",
-              "store_invalid", _unreadable, needs_non_root=True),
+    StoreCase("unreadable", "mode 000", "permission denied",
+              "store_invalid", _unreadable, needs_permission_checks=True),
     StoreCase("qwen-code-seconds", "Qwen Code's oauth_creds.json, expiry_date in seconds",
               "expiry_date looks like seconds", "profile_invalid",
               _doc(lambda t: _qwen_doc(t, expiry_date=1772812345)), kind="qwen-code"),
@@ -443,8 +443,8 @@ def render_markdown() -> str:
         note = []
         if c.isolated:
             note.append("own daemon run")
-        if c.needs_non_root:
-            note.append("daemon run as `nobody` when the tests run as root")
+        if c.needs_permission_checks:
+            note.append("as root, the daemon runs without CAP_DAC_OVERRIDE")
         if c.bug:
             note.append("**open bug** (xfail): " + c.bug.removeprefix("BUG: "))
         lines.append(f"| `{c.name}` | {_cell(c.what)} | `{c.event}` | `{_cell(c.expect)}` "

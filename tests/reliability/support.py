@@ -2,8 +2,9 @@
 
 ``Daemon`` is ``tests.harness.DaemonProcess`` with what these suites need on top: it parses
 the JSON log as it arrives (long runs produce tens of thousands of lines), can be killed with
-SIGKILL, can run as another user (the unreadable-file case needs a non-root daemon), and knows
-the address its health endpoint bound to (``--listen 127.0.0.1:0``).
+SIGKILL, can start with reduced privileges (``preexec``: the unreadable-file case needs a
+daemon that root's file-permission override does not apply to), and knows the address its
+health endpoint bound to (``--listen 127.0.0.1:0``, from the ``health_listening`` event).
 """
 
 from __future__ import annotations
@@ -96,20 +97,12 @@ class Daemon:
     """``python -m qwen_refresher run`` as a subprocess, its JSON log parsed as it comes."""
 
     def __init__(self, home: OpenClawHome, fake: FakeQwen, *args: str,
-                 env: dict[str, str] | None = None, user: int | None = None,
+                 env: dict[str, str] | None = None,
+                 preexec: Callable[[], None] | None = None,
                  listen: bool = True, log_file: Path | None = None) -> None:
         argv = [PYTHON, "-m", "qwen_refresher", "run", "--token-url", fake.token_url,
                 "--device-code-url", fake.device_code_url,
                 *(["--listen", "127.0.0.1:0"] if listen else []), *args]
-        preexec: Callable[[], None] | None = None
-        if user is not None:
-            uid = user
-
-            def preexec() -> None:
-                os.setgroups([])
-                os.setgid(uid)
-                os.setuid(uid)
-
         self.started_at = time.time()
         self.proc = subprocess.Popen(
             argv, cwd=ROOT, env=env or home.env(), stdout=subprocess.PIPE,
@@ -331,7 +324,6 @@ def describe(path: Path) -> Entry:
         return Entry("fifo", None, stat.S_IMODE(st.st_mode), None)
     if stat.S_ISREG(st.st_mode):
         digest = hashlib.sha256()
-        # Root reads a mode-000 file anyway; as another user this would raise, so ask for it.
         with open(path, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(chunk)

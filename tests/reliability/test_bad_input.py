@@ -6,8 +6,9 @@ healthy agent): every broken file gets exactly one clear error naming it, stays 
 (its directory too: no lock, no temp file), shows up in ``status``, and the healthy agent keeps
 being refreshed. Cases that used to take the daemon down (before commit 94fd15a) run alone,
 each with its own daemon, so that a regression cannot hide the verdict on the others. When the
-tests run as root, the shared run's daemon runs as ``nobody`` so that an unreadable file is
-unreadable to it.
+tests run as root, the shared run's daemon is started without root's permission override
+(``CAP_DAC_OVERRIDE`` and ``CAP_DAC_READ_SEARCH`` dropped from its bounding set), so that an
+unreadable file is unreadable to it.
 
 A case with ``bug=`` set (an open daemon bug) is expected to go wrong: it is a strict xfail, as
 a parametrized test for the isolated ones and case by case (``verdicts``) in the shared runs.
@@ -20,6 +21,7 @@ and nothing written.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -27,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,27 +59,46 @@ from tests.reliability.support import (
     wait_for,
 )
 
-NOBODY = 65534
 HEALTHY_LIFETIME = 3.0
 ERROR_EVENTS = ("store_invalid", "profile_invalid")
 
 
-def _demote() -> None:
-    os.setgroups([])
-    os.setgid(NOBODY)
-    os.setuid(NOBODY)
+#: prctl(PR_CAPBSET_DROP, cap): remove a capability from the bounding set, so that a root
+#: process exec'd afterwards no longer has it.
+PR_CAPBSET_DROP = 24
+CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 1, 2
 
 
-def daemon_user() -> int | None:
-    """``nobody`` when we are root and may switch to it; None: run the daemon as ourselves."""
+def _drop_dac_override() -> None:
+    """In the daemon's child before exec: root, but bound by file permissions like anyone."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH):
+        if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def daemon_restriction() -> Callable[[], None] | None:
+    """What makes a mode-000 file unreadable to the daemon: nothing when we are not root;
+    as root, dropping the permission-override capabilities (checked to work here); None when
+    neither works (the unreadable case is then skipped)."""
     if os.geteuid() != 0:
         return None
-    try:
-        probe = subprocess.run([sys.executable, "-c", "import qwen_refresher"], cwd=ROOT,
-                               preexec_fn=_demote, capture_output=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return NOBODY if probe.returncode == 0 else None
+    with tempfile.TemporaryDirectory() as directory:
+        probe = Path(directory) / "unreadable"
+        probe.write_text("x")
+        probe.chmod(0)
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-c", f"import qwen_refresher; open({str(probe)!r}).read()"],
+                cwd=ROOT, preexec_fn=_drop_dac_override, capture_output=True, text=True,
+                timeout=60)
+        except (OSError, subprocess.SubprocessError):
+            return None
+    return _drop_dac_override if "PermissionError" in proc.stderr else None
+
+
+def unreadable_works(restriction: Callable[[], None] | None) -> bool:
+    return os.geteuid() != 0 or restriction is not None
 
 
 def case_path(oc: OpenClawHome, case: StoreCase) -> Path:
@@ -101,7 +123,7 @@ class CorpusRun:
     cases: list[StoreCase]
     base: Path
     oc: OpenClawHome
-    user: int | None
+    restriction: Callable[[], None] | None
     fake: FakeQwen
     paths: dict[str, Path] = field(default_factory=dict)
     before: dict[str, dict[str, Entry]] = field(default_factory=dict)
@@ -142,7 +164,7 @@ class CorpusRun:
         if not self._in_status(case):
             out.append("status --json does not show the error")
         shown = self.in_process.get(case.name, "")
-        if not (case.needs_non_root and os.geteuid() == 0) and case.expect not in shown:
+        if not (case.needs_permission_checks and os.geteuid() == 0) and case.expect not in shown:
             out.append(f"reading it in-process says {shown!r}")
         return out
 
@@ -155,12 +177,12 @@ class CorpusRun:
             for p in profiles)
 
 
-def run_corpus(cases: list[StoreCase], user: int | None) -> CorpusRun:
+def run_corpus(cases: list[StoreCase], restriction: Callable[[], None] | None) -> CorpusRun:
     started = time.monotonic()
     base = Path(tempfile.mkdtemp(prefix="qr-corpus-"))
     base.chmod(0o755)
     fake = FakeQwen(FakeQwenConfig(lifetime=HEALTHY_LIFETIME)).start()
-    run = CorpusRun(cases, base, OpenClawHome(base), user, fake)
+    run = CorpusRun(cases, base, OpenClawHome(base), restriction, fake)
     try:
         _run(run)
     finally:
@@ -180,14 +202,11 @@ def _run(run: CorpusRun) -> None:
     access, refresh, expires = fake.issue_tokens(lifetime=HEALTHY_LIFETIME)
     healthy = oc.write_store({"version": 1, "profiles": {
         "qwen-portal:default": qwen_profile(access, refresh, expires)}}, agent="healthy")
-    keep_root_owned: set[Path] = set()
     for case in run.cases:
         path = case_path(oc, case)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         case.build(path, tokens, outside)
         run.paths[case.name] = path
-        if case.needs_non_root:
-            keep_root_owned.add(path)
         try:
             snap = open_store(path, case).read()
             run.in_process[case.name] = "; ".join(
@@ -196,17 +215,10 @@ def _run(run: CorpusRun) -> None:
             run.in_process[case.name] = str(exc)
         except Exception as exc:  # reported as a problem of the case
             run.in_process[case.name] = f"crashed: {type(exc).__name__}"
-    if run.user is not None:
-        for directory, dirs, files in os.walk(run.base):
-            for name in [*dirs, *files]:
-                path = Path(directory) / name
-                if path not in keep_root_owned:
-                    os.lchown(path, run.user, run.user)
-        os.lchown(run.base, run.user, run.user)
     for case in run.cases:
         run.before[case.name] = tree(run.paths[case.name].parent)
     outside_before = tree(outside)
-    daemon = Daemon(oc, fake, "--margin", "2", "--jitter", "0", user=run.user,
+    daemon = Daemon(oc, fake, "--margin", "2", "--jitter", "0", preexec=run.restriction,
                     log_file=run.base / "daemon.log")
     try:
         wait_for(lambda: fake_rotations(fake) >= 2 or daemon.proc.poll() is not None, 40,
@@ -284,14 +296,15 @@ ISOLATED = [c for c in STORE_CASES if c.isolated]
 
 
 @pytest.fixture(scope="module")
-def user() -> int | None:
-    return daemon_user()
+def restriction() -> Callable[[], None] | None:
+    return daemon_restriction()
 
 
 @pytest.mark.timeout(180)
-def test_broken_stores_beside_a_healthy_one(user: int | None, figures: Figures) -> None:
-    cases = [c for c in SHARED if not c.needs_non_root or user is not None or os.geteuid() != 0]
-    run = run_corpus(cases, user)
+def test_broken_stores_beside_a_healthy_one(restriction: Callable[[], None] | None,
+                                            figures: Figures) -> None:
+    cases = [c for c in SHARED if not c.needs_permission_checks or unreadable_works(restriction)]
+    run = run_corpus(cases, restriction)
     try:
         problems = run_problems(run)
         failed = verdicts({c.name: (c.bug, run.problems(c)) for c in cases})
@@ -301,7 +314,8 @@ def test_broken_stores_beside_a_healthy_one(user: int | None, figures: Figures) 
             "skipped": [c.name for c in SHARED if c not in cases],
             "failed": sorted(failed),
             "open_bugs": sorted(c.name for c in cases if c.bug),
-            "daemon_user": "nobody" if user is not None else "self",
+            "daemon_privileges": "root without CAP_DAC_OVERRIDE" if restriction is not None
+            else ("root" if os.geteuid() == 0 else "not root"),
             "healthy_rotations": run.healthy_rotations,
             "seconds": round(run.seconds, 1),
         })
@@ -316,8 +330,9 @@ def test_broken_stores_beside_a_healthy_one(user: int | None, figures: Figures) 
     pytest.param(c, id=c.name, marks=[pytest.mark.xfail(reason=c.bug, strict=True)]
                  if c.bug else []) for c in ISOLATED])
 @pytest.mark.timeout(90)
-def test_a_store_that_used_to_crash_the_daemon(case: StoreCase, user: int | None) -> None:
-    run = run_corpus([case], user)
+def test_a_store_that_used_to_crash_the_daemon(
+        case: StoreCase, restriction: Callable[[], None] | None) -> None:
+    run = run_corpus([case], restriction)
     try:
         problems = run_problems(run) + run.problems(case)
         assert problems == [], problems

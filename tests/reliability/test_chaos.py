@@ -370,9 +370,10 @@ def test_our_own_short_lived_token_is_refreshed_at_half_its_life(oc: OpenClawHom
     """Found by the chaos suite (refreshes 3.1 s apart where the design allows 4 s).
 
     A token that lives less than the margin must be refreshed at half its life, "never in a
-    loop" (planner.refresh_at), which needs to know when we obtained it. With the watch
-    debounce at 0 the scan of our own write nearly always wins the race, which makes the
-    bug deterministic; with the default 0.1 s it shows under load.
+    loop" (planner.refresh_at), which needs to know when we obtained it. The daemon learnt
+    that only after engine.run returned, so the scan of its own store write could plan the
+    new token as one of unknown age (full margin: at once, back to back). With the watch
+    debounce at 0 that scan nearly always won the race. Fixed in f406008.
     """
     with FakeQwen(FakeQwenConfig(lifetime=2.0)) as fake:
         access, refresh, expires = fake.issue_tokens(lifetime=2.0)

