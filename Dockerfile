@@ -18,18 +18,30 @@ WORKDIR /src
 # ends up in the final image. Every dependency ships manylinux wheels: no compiler needed here
 # either, and none can reach the final stage, which copies only /opt/qwen-refresher.
 RUN python -m venv --without-pip /opt/qwen-refresher
-COPY pyproject.toml README.md ./
+# Dependencies first, exactly as locked (versions and hashes: scripts/lock-image-deps.sh), then
+# the package without resolving anything again: a rebuild gets the same bytes, and a wheel that
+# does not match its hash fails the build.
+COPY deploy/requirements.lock ./
+RUN pip --python /opt/qwen-refresher/bin/python install --no-cache-dir --compile \
+        --require-hashes --only-binary :all: -r requirements.lock
+COPY pyproject.toml README.md LICENSE ./
 COPY qwen_refresher ./qwen_refresher
-RUN pip --python /opt/qwen-refresher/bin/python install --no-cache-dir --compile . \
+RUN pip --python /opt/qwen-refresher/bin/python install --no-cache-dir --compile --no-deps . \
     && find /opt/qwen-refresher -depth -type d -name tests -path "*/site-packages/*" -exec rm -rf {} +
 
 # --- final: the slim Python runtime, the venv, an unprivileged user --------------------------
 FROM ${PYTHON_IMAGE}
 ARG APP_UID=1000
 ARG APP_GID=1000
+# VERSION must equal qwen_refresher/__init__.py's (a test checks); SOURCE is where the image
+# was built from: pass --build-arg SOURCE=<repository URL> in your build pipeline.
+ARG VERSION=0.1.0
+ARG SOURCE=""
 LABEL org.opencontainers.image.title="qwen-refresher" \
       org.opencontainers.image.description="Keeps OpenClaw's qwen-portal OAuth tokens fresh: refresh before expiry, write back atomically, tell the gateway." \
-      org.opencontainers.image.licenses="MIT"
+      org.opencontainers.image.licenses="MIT" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.source="${SOURCE}"
 
 # --non-unique: the ids must equal the gateway's, whatever the base image already uses them for.
 # The mount points are created owned by that user so that an empty named volume mounted there

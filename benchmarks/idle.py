@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 import time
@@ -72,14 +73,16 @@ def main(argv: list[str] | None = None) -> int:
                     return 0
             start_cost = {name: sample(d.pid) for name, d in daemons.items()}
             time.sleep(opts.settle)
-            sweeps0 = {name: _next_sweep(h) for name, h in homes.items()}
+            phase = {name: _next_sweep(h) for name, h in homes.items()}
+            w0 = time.time()
             before = {name: sample(d.pid) for name, d in daemons.items()}
             threads_before = {name: thread_switches(d.pid) for name, d in daemons.items()}
             time.sleep(duration)
             after = {name: sample(d.pid) for name, d in daemons.items()}
             threads_after = {name: thread_switches(d.pid) for name, d in daemons.items()}
             intervals = {"default": 300.0, "fast sweep": opts.fast_sweep}
-            sweeps = {name: _sweeps_between(sweeps0[name], _next_sweep(h), intervals[name])
+            w1 = time.time()
+            sweeps = {name: sweeps_in(phase[name], intervals[name], w0, w1)
                       for name, h in homes.items()}
         finally:
             for d in daemons.values():
@@ -136,10 +139,13 @@ def _next_sweep(home: Home) -> float | None:
         return None
 
 
-def _sweeps_between(first: float | None, last: float | None, interval: float) -> int:
-    if first is None or last is None:
+def sweeps_in(phase: float | None, interval: float, w0: float, w1: float) -> int:
+    """Sweeps in the wall-clock window [w0, w1]: the interval job fires at ``phase + k *
+    interval``, and any published ``next_sweep_at`` is on that lattice (a sweep that changed
+    nothing does not republish state.json, so the phase is read once)."""
+    if phase is None:
         return 0
-    return max(0, round((last - first) / interval))
+    return max(0, math.floor((w1 - phase) / interval) - math.ceil((w0 - phase) / interval) + 1)
 
 
 def _per_thread(before: dict[int, tuple[str, int, int]],

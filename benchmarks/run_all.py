@@ -31,6 +31,9 @@ STEPS: list[tuple[str, str, list[str], list[str]]] = [
     ("scale", "scale.py", ["--startup-sizes", "100,300,1000"],
      ["--quick", "--startup-sizes", "50,200"]),
     ("status", "status_speed.py", [], ["-n", "10"]),
+    ("reads", "reads.py", [], ["--quick"]),
+    ("sweep", "sweep.py", [], ["--quick"]),
+    ("storm", "storm.py", [], ["--quick"]),
 ]
 
 

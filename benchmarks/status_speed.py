@@ -14,7 +14,7 @@ keeps the environment untouched.
 If ``OPENCLAW_BIN`` names OpenClaw's CLI, ``openclaw models status --json`` is timed too
 (a few runs: it takes seconds).
 
-    .venv/bin/python benchmarks/status_speed.py [-n 40] [--as-is]
+    .venv/bin/python benchmarks/status_speed.py [-n 40] [--as-is] [--agents 1000]
 """
 
 from __future__ import annotations
@@ -48,13 +48,14 @@ def _store(path: Path, profiles: dict[str, int]) -> None:
     path.chmod(0o600)
 
 
-def build_home(root: Path) -> tuple[dict[str, str], Path]:
+def build_home(root: Path, wanted: tuple[tuple[str, str], ...] = PROFILES,
+               ) -> tuple[dict[str, str], Path]:
     """A home with stores and a published state; returns the children's env and state dir."""
     home = root / "home"
     now = time.time()
     expires = int((now + 6 * 3600) * 1000)
     by_agent: dict[str, dict[str, int]] = {}
-    for agent, profile in PROFILES:
+    for agent, profile in wanted:
         by_agent.setdefault(agent, {})[profile] = expires
     stores = {}
     for agent, profiles in by_agent.items():
@@ -71,7 +72,7 @@ def build_home(root: Path) -> tuple[dict[str, str], Path]:
              "next_refresh_at": expires / 1000 - 900, "last_refresh_at": now - 60,
              "attempts": 0, "last_error": None,
              "login_command": "openclaw models auth login --provider qwen-portal"}
-            for n, (a, p) in enumerate(PROFILES)]
+            for n, (a, p) in enumerate(wanted)]
     rows.append({**rows[0], "store": str(qwen), "store_kind": "qwen-code", "agent": None,
                  "profile": "qwen-code", "family": "fam0"})
     state: PublishedState = {
@@ -132,13 +133,19 @@ def report(times: dict[str, list[float]], baseline: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-n", type=int, default=40, help="runs per command (default 40)")
+    parser.add_argument("--agents", type=int,
+                        help="N agents x 2 qwen profiles instead of the 3 default profiles "
+                             "(e.g. 1000: status at 2,000 profiles)")
     parser.add_argument("--as-is", action="store_true",
                         help="keep PYTHONDONTWRITEBYTECODE etc. as they are")
     opts = parser.parse_args()
     python = sys.executable
     script = str(Path(python).with_name("qwen-refresher"))
     with tempfile.TemporaryDirectory(prefix="qr-bench-") as tmp:
-        env, state_dir = build_home(Path(tmp))
+        profiles = PROFILES if not opts.agents else tuple(
+            (f"agent{i:04d}", p) for i in range(opts.agents)
+            for p in ("qwen-portal:default", "qwen-portal:qwen-cli"))
+        env, state_dir = build_home(Path(tmp), profiles)
         if not opts.as_is:
             env.pop("PYTHONDONTWRITEBYTECODE", None)
             env["PYTHONPYCACHEPREFIX"] = str(Path(tmp) / "pycache")

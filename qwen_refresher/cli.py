@@ -14,6 +14,11 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
+from .errors import EX_USAGE
+
+TYPE_CHECKING = False  # not `from typing import ...`: status must not pay for typing
+if TYPE_CHECKING:
+    from typing import NoReturn
 
 #: subcommand -> module that provides ``add_parser(subparsers)`` (or ``add_parsers``).
 COMMANDS: dict[str, str] = {
@@ -23,6 +28,8 @@ COMMANDS: dict[str, str] = {
     "install-service": "qwen_refresher.service",
     "uninstall-service": "qwen_refresher.service",
     "demo": "qwen_refresher.demo",
+    "config": "qwen_refresher.config_command",
+    "completion": "qwen_refresher.completion",
 }
 
 
@@ -65,8 +72,14 @@ SETTINGS_FLAGS = ("stores", "state_dir", "token_url", "device_code_url", "client
 
 
 def settings_overrides(args: argparse.Namespace) -> dict[str, object]:
-    return {name: getattr(args, name) for name in SETTINGS_FLAGS
-            if getattr(args, name, None) is not None}
+    given: dict[str, object] = {name: getattr(args, name) for name in SETTINGS_FLAGS
+                                if getattr(args, name, None) is not None}
+    if "log_level" not in given:
+        if getattr(args, "verbose", False):
+            given["log_level"] = "debug"
+        elif getattr(args, "quiet", False):
+            given["log_level"] = "warning"
+    return given
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -74,6 +87,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                        description="Keep every qwen-portal profile fresh until stopped.")
     p.add_argument("--once", action="store_true",
                    help="refresh whatever is due now, wait for it, and exit")
+    loudness = p.add_mutually_exclusive_group()
+    loudness.add_argument("-v", "--verbose", action="store_true",
+                          help="log at debug level (same as --log-level debug)")
+    loudness.add_argument("-q", "--quiet", action="store_true",
+                          help="log warnings and errors only (same as --log-level warning)")
     _add_settings_flags(p)
     p.set_defaults(handler=run_command)
 
@@ -94,13 +112,23 @@ def run_command(args: argparse.Namespace) -> int:
     return daemon.run_once() if args.once else daemon.run()
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse exits 2 on a usage error, which a health check would read as "needs login"
+    (``status`` exits 2 for that): usage errors exit 64 (EX_USAGE) instead."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="qwen-refresher",
         description="Keeps OpenClaw's qwen-portal OAuth tokens fresh.",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.add_argument("-V", "--version", action="version",
+                        version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     loaded: set[str] = set()
     for name, module_name in COMMANDS.items():
         if only is not None and name != only:
@@ -128,14 +156,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = getattr(args, "handler", None)
     if handler is None:
         parser.print_help(sys.stderr)
-        return 2
+        return EX_USAGE
     try:
         return int(handler(args))
     except QwenRefresherError as exc:
-        print(f"qwen-refresher: error: {exc}", file=sys.stderr)
+        from .escape import printable
+
+        # Messages name files and profiles, which anyone who can create a directory chooses.
+        print(f"qwen-refresher: error: {printable(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `qwen-refresher status | head`: the reader left; not an error worth a traceback.
+        # Point stdout at /dev/null so the interpreter's final flush cannot fail again.
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -75,8 +75,12 @@ HookRunner = Annotated[str, BeforeValidator(_runner)]
 
 
 def is_loopback_host(host: str) -> bool:
-    if host.lower() in ("localhost", "localhost.localdomain") or host.endswith(".localhost"):
-        return True
+    """True only for a *literal* loopback address: 127.0.0.0/8 or ::1 (bracketed or not).
+
+    Names are refused, ``localhost`` included: a name is only as loopback as the resolver
+    says (``evil.localhost`` and a missing ``/etc/hosts`` entry both go to DNS), and a refresh
+    token sent in clear text to wherever it resolves is a stolen login.
+    """
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
@@ -133,6 +137,8 @@ class Settings(BaseSettings):
     listen: str = "127.0.0.1:9464"
     poll: bool = False
     max_concurrent_refreshes: int = Field(default=4, ge=1, le=64)
+    #: refresh requests per second toward the token server, at most (``ratelimit.py``)
+    max_refresh_rate: float = Field(default=10.0, gt=0, le=1000, allow_inf_nan=False)
     notify_urls: list[str] = Field(default_factory=list)
     notify_desktop: bool = True
     remind_interval: Seconds = 6 * 3600.0
@@ -151,7 +157,8 @@ class Settings(BaseSettings):
             raise ValueError(f"{value!r} is not an http(s) URL")
         if parts.scheme == "http" and not is_loopback_host(parts.hostname):
             raise ValueError(
-                f"{value!r} sends tokens in clear text; https is required except for loopback"
+                f"{value!r} sends tokens in clear text; https is required except for a "
+                "literal loopback address (http://127.0.0.1:PORT or http://[::1]:PORT)"
             )
         return value
 
@@ -225,10 +232,19 @@ _CONFIG_FILE: dict[str, Path | None] = {"path": None}
 
 
 def _check_toml(path: Path) -> None:
-    """Parse the file ourselves first so a syntax error names the file and the line."""
+    """Parse the file ourselves first so a syntax error names the file and the line.
+
+    Read with ``fileio.read_regular_file`` (a FIFO or a device there cannot hang start-up or
+    reload; 1 MiB cap); a symlink is followed, since dotfile managers link config files.
+    """
+    from .errors import StoreError
+    from .fileio import read_regular_file
+
     try:
-        with path.open("rb") as fh:
-            doc = tomllib.load(fh)
+        data = read_regular_file(path.resolve(), 1024 * 1024, shown=path).data
+        doc = tomllib.loads(data.decode("utf-8"))
+    except StoreError as exc:
+        raise ConfigError("config", f"{path}: cannot be read: {exc.problem}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("config", f"{path}: not valid TOML: {exc}") from None
     except UnicodeDecodeError as exc:
@@ -242,6 +258,17 @@ def _check_toml(path: Path) -> None:
                                       f"{', '.join(sorted(Settings.model_fields))})")
 
 
+def config_file_in_use(config_file: Path | None, environ: Mapping[str, str]) -> Path | None:
+    """The TOML file a load reads: ``--config``, else ``QWEN_REFRESHER_CONFIG``, else the
+    default path if it exists. An explicitly named file is returned even when missing, so
+    that loading it fails with a clear error instead of silently using defaults."""
+    explicit = config_file or environ.get(ENV_PREFIX + "CONFIG")
+    if explicit:
+        return Path(explicit)
+    default = paths.default_config_file(environ)
+    return default if default.exists() else None
+
+
 def load_settings(
     overrides: Mapping[str, Any] | None = None,
     *,
@@ -253,15 +280,14 @@ def load_settings(
     ``config_file`` None means the default path, used only if it exists; an explicitly named
     file must exist.
     """
+    from .discovery import reset_reports
+
+    reset_reports()  # a (re)load names a still-broken openclaw.json again, once
     environ = os.environ if env is None else env
-    explicit = config_file is not None or bool(environ.get(ENV_PREFIX + "CONFIG"))
-    path = config_file or Path(environ.get(ENV_PREFIX + "CONFIG") or
-                               paths.default_config_file(environ))
-    if path.exists() or explicit:
+    path = config_file_in_use(config_file, environ)
+    if path is not None:
         _check_toml(path)
-        _CONFIG_FILE["path"] = path
-    else:
-        _CONFIG_FILE["path"] = None
+    _CONFIG_FILE["path"] = path
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     saved_env = None
     if env is not None:

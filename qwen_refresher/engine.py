@@ -19,15 +19,17 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 from .errors import (
     LockTimeout,
     RefreshTokenRejected,
+    RotatedUnusableAccess,
     StoreError,
     TransientOAuthError,
+    UnusableAnswer,
 )
 from .history import TokenHistory
 from .journal import Journal
@@ -36,9 +38,11 @@ from .models import Credentials, ProfileKey, fingerprint
 from .qwen import QwenOAuthClient
 from .stores.base import Store, StoreSnapshot
 
+#: How one run ended. ``adopted`` is the daemon's, not the engine's: instead of refreshing (or
+#: after a rejection) the family took a token seen replacing its own in a sibling's store.
 Result = Literal[
     "rotated", "synced", "not_due", "transient", "rejected", "write_failed", "lock_timeout",
-    "unavailable",
+    "unavailable", "adopted",
 ]
 
 
@@ -103,10 +107,23 @@ class Engine:
         return fingerprint(creds.refresh, self.salt)
 
     # -- the whole sequence -----------------------------------------------------------------
-    def run(self, members: Sequence[Member], *, due_at: float) -> Outcome:
+    def run(self, members: Sequence[Member], *, due_at: float,
+            planned_fp: str | None = None) -> Outcome:
+        """One refresh of one family under every member's lock.
+
+        ``planned_fp`` is the fingerprint of the token ``due_at`` was computed for. If the
+        re-read under the locks finds another token (another daemon, OpenClaw or Qwen Code
+        rotated meanwhile), ``due_at`` says nothing about it: nothing is sent, the outcome is
+        ``not_due`` and the caller re-plans from what the stores now hold. We never spend a
+        token we did not plan to spend.
+        """
         started = time.monotonic()
-        stores = sorted({m.store.path: m.store for m in members}.values(),
-                        key=lambda s: str(_lock_path_or_self(s)))
+        # One lock file, one acquisition: two Store objects for one file (two spellings of
+        # it) share a lock path, and taking it twice would wait on ourselves until timeout.
+        by_lock: dict[object, Store] = {}
+        for m in members:
+            by_lock.setdefault(_lock_path_or_self(m.store), m.store)
+        stores = [by_lock[k] for k in sorted(by_lock, key=str)]
         held: list[FileLock] = []
         try:
             for store in stores:
@@ -118,12 +135,14 @@ class Engine:
                     lock.acquire()
                 except LockTimeout as exc:
                     return Outcome("lock_timeout", reason=str(exc))
+                except StoreError as exc:  # LockUnusable: not a file at the lock path
+                    return Outcome("unavailable", reason=str(exc))
                 except OSError as exc:
                     return Outcome("unavailable", reason=f"{lock.lock_path}: cannot create lock "
                                                          f"file: {exc.strerror}")
                 held.append(lock)
                 self.held.add(lock)
-            outcome = self._locked(members, due_at)
+            outcome = self._locked(members, due_at, planned_fp)
         finally:
             for lock in reversed(held):
                 lock.release()
@@ -156,19 +175,10 @@ class Engine:
 
     def _newest(self, current: dict[Member, Credentials]) -> tuple[Credentials, str] | None:
         """The newest credentials of the lineage, from the stores or from our memory."""
-        candidates: dict[str, Credentials] = {}
-        for creds in current.values():
-            fp = self.fp(creds)
-            candidates[fp] = creds
-            head = self.history.newest(fp)
-            remembered = self.history.credentials(head)
-            if remembered is not None:
-                candidates[head] = remembered
-        live = {fp: c for fp, c in candidates.items() if not self.history.is_superseded(fp)}
-        pool = live or candidates
-        if not pool:
+        picked = current_token(self.history, [(self.fp(c), c) for c in current.values()])
+        if picked is None:
             return None
-        fp, creds = max(pool.items(), key=lambda item: item[1].expires_ms)
+        fp, creds = picked
         return creds, fp
 
     def _write(
@@ -193,7 +203,8 @@ class Engine:
             else:
                 outcome.written.extend(m.key for m in group)
 
-    def _locked(self, members: Sequence[Member], due_at: float) -> Outcome:
+    def _locked(self, members: Sequence[Member], due_at: float,
+                planned_fp: str | None = None) -> Outcome:
         snapshots, current, errors = self._read(members)
         if not current:
             return Outcome("unavailable", errors=errors,
@@ -223,6 +234,8 @@ class Engine:
                 self.journal.settle(best_fp)
         if self.clock() < due_at:
             return outcome
+        if planned_fp and best_fp != planned_fp:
+            return outcome  # the token changed since planning: re-plan, never spend blindly
         rejection = self.history.rejection(best_fp)
         if rejection is not None:
             outcome.result, outcome.reason = "rejected", rejection[1]
@@ -238,29 +251,54 @@ class Engine:
         outcome: Outcome,
     ) -> Outcome:
         try:
-            grant = self.client.refresh(best.refresh)
+            grant = self.client.refresh(best.refresh, stop=self.stop)
+        except RotatedUnusableAccess as exc:
+            return self._rotated_unusable(members, snapshots, best, best_fp, exc, outcome)
+        except UnusableAnswer as exc:
+            # A 200 we cannot use and no usable refresh token in it: nothing of it is written
+            # or journaled (there is nothing usable to keep). The retry, after a back-off,
+            # re-reads the stores under the lock first; if the server did rotate, its
+            # rejection of the spent token then decides.
+            outcome.result, outcome.retry_after = "transient", None
+            outcome.reason = f"server answered, unusable response: {exc.reason}"
+            return outcome
         except TransientOAuthError as exc:
             outcome.result, outcome.reason, outcome.retry_after = (
                 "transient", exc.reason, exc.retry_after)
             return outcome
         except RefreshTokenRejected as exc:
             return self._rejected(members, best_fp, exc, outcome)
-        received_at = self.clock()
-        new = grant.to_credentials(int(received_at * 1000), best.refresh)
+        # From here to the journal nothing may raise: the old token is spent and ``grant`` is
+        # the only copy of the new one. ``client.refresh`` has held every value to the store
+        # rules already (tokens valid, expiry clamped), so the arithmetic below cannot fail.
+        new = grant.to_credentials(int(self.clock() * 1000), best.refresh)
+        self._commit(members, snapshots, best_fp, new, outcome)
+        return outcome
+
+    def _keep(self, old_fp: str, new: Credentials, members: Sequence[Member],
+              outcome: Outcome) -> str:
+        """Persist a rotation before any store sees it: lineage link, memory, journal.
+        From here on the old refresh token is dead and this is the only copy of the new one
+        until the stores have it. Returns the new fingerprint."""
         new_fp = self.fp(new)
+        self.history.link(old_fp, new_fp)
+        self.history.remember(new_fp, new, issued_at=self.clock())
+        try:
+            self.journal.record(old_fp, new_fp, new, [m.key for m in members])
+        except (OSError, StoreError) as exc:
+            # Still in memory and about to be written; the daemon says so loudly.
+            outcome.journal_error = str(exc)
+        return new_fp
+
+    def _commit(self, members: Sequence[Member], snapshots: dict[Store, StoreSnapshot],
+                old_fp: str, new: Credentials, outcome: Outcome) -> None:
+        """Journal a rotation, write it to every readable member, and say how that went."""
         readable = [m for m in members if m.store in snapshots and m.key not in outcome.errors]
         with self.writing:
-            # Persist first: from here on the old refresh token is dead, and this is the only
-            # copy of the new one until the stores have it.
-            self.history.link(best_fp, new_fp)
-            self.history.remember(new_fp, new, issued_at=received_at)
-            try:
-                self.journal.record(best_fp, new_fp, new, [m.key for m in members])
-            except (OSError, StoreError) as exc:
-                # Still in memory and about to be written; the daemon says so loudly.
-                outcome.journal_error = str(exc)
+            new_fp = self._keep(old_fp, new, members, outcome)
             self._write(snapshots, readable, new, outcome)
-        outcome.creds, outcome.fp, outcome.consumed = new, new_fp, best_fp
+        outcome.creds, outcome.fp = new, new_fp
+        outcome.consumed = outcome.consumed or old_fp
         if all(m.key in outcome.written for m in members):
             with contextlib.suppress(OSError, StoreError):
                 self.journal.settle(new_fp)
@@ -268,6 +306,49 @@ class Engine:
         else:
             outcome.result = "write_failed"
             outcome.reason = next(iter(outcome.errors.values()), "not every member was written")
+
+    def _rotated_unusable(
+        self,
+        members: Sequence[Member],
+        snapshots: dict[Store, StoreSnapshot],
+        best: Credentials,
+        best_fp: str,
+        exc: RotatedUnusableAccess,
+        outcome: Outcome,
+    ) -> Outcome:
+        """The server rotated but its access token fails the store rules.
+
+        The new refresh token is the lineage's only live one: it is journaled at once (with
+        the old, still well-formed access token and its expiry, so nothing invalid is ever
+        written anywhere) and spent right away for a usable access token. If that second
+        refresh fails too, the stores get the interim credentials: they then hold the live
+        refresh token, and the retry spends it.
+        """
+        interim = Credentials(access=best.access, refresh=exc.refresh_token,
+                              expires_ms=best.expires_ms, resource_url=best.resource_url,
+                              token_type=best.token_type)
+        with self.writing:
+            interim_fp = self._keep(best_fp, interim, members, outcome)
+        outcome.consumed = best_fp
+        first = f"server rotated but its answer was unusable ({exc.reason})"
+        try:
+            grant = self.client.refresh(interim.refresh, stop=self.stop)
+        except RefreshTokenRejected as again:
+            return self._rejected(members, interim_fp, again, outcome)
+        except TransientOAuthError as again:
+            # Includes a second unusable answer: keep what is live, retry after a back-off.
+            self._commit(members, snapshots, best_fp, interim, outcome)
+            if outcome.result == "rotated":
+                outcome.result = "transient"
+                outcome.reason = (f"{first}; its new refresh token is kept, and getting a "
+                                  f"usable access token with it failed: {again.reason}")
+                outcome.retry_after = again.retry_after
+            return outcome
+        new = grant.to_credentials(int(self.clock() * 1000), interim.refresh)
+        self._commit(members, snapshots, interim_fp, new, outcome)
+        if outcome.journal_error is None:
+            with contextlib.suppress(OSError, StoreError):
+                self.journal.settle(interim_fp)  # the journal holds its successor now
         return outcome
 
     def _rejected(
@@ -292,6 +373,33 @@ class Engine:
         self.history.reject(best_fp, exc.reason)
         outcome.result, outcome.reason = "rejected", exc.reason
         return outcome
+
+
+def current_token(history: TokenHistory, held: Iterable[tuple[str, Credentials]],
+                  ) -> tuple[str, Credentials] | None:
+    """The family's current token, as (fingerprint, credentials): the one rule that both the
+    daemon's plan and the engine's run use, so that what was planned is what is refreshed.
+
+    ``held`` is what the members' stores hold. Candidates are those tokens and, for each, the
+    newest of its lineage if we remember its credentials. A token nobody has superseded wins;
+    the latest expiry breaks ties. When every candidate is superseded (the lineage head is in
+    no store and not in memory: a restart after a revert), the newest token a store actually
+    holds is the one: refreshing it is the only move left, and the server's answer (a
+    rotation, or a rejection that means a login) decides, instead of waiting for ever for a
+    head nobody can produce.
+    """
+    candidates: dict[str, Credentials] = {}
+    for fp, creds in held:
+        candidates[fp] = creds
+        head = history.newest(fp)
+        remembered = history.credentials(head)
+        if remembered is not None:
+            candidates[head] = remembered
+    live = {fp: c for fp, c in candidates.items() if not history.is_superseded(fp)}
+    pool = live or candidates
+    if not pool:
+        return None
+    return max(pool.items(), key=lambda item: item[1].expires_ms)
 
 
 def _lock_path_or_self(store: Store) -> object:

@@ -9,6 +9,13 @@ again with a token the server has already consumed.
 ``rejected`` holds fingerprints the server refused: a family whose newest token is in it needs
 a login, and we never send that token again.
 
+``observed`` maps a fingerprint to one seen *replacing* it in a store outside any rotation we
+know of (a sibling refreshed early, or a new login: the content cannot tell which). It is not
+lineage yet, the family splits, but it is the heir the family adopts, instead of spending its
+own refresh token, once that token is due or is rejected: if the sibling refreshed, ours is
+consumed and spending it is the road to a lock-out; if it was a login, adopting costs nothing.
+On disk an observation is a line ``obs <old> <new>``, which older versions skip.
+
 Only the newest credentials of each lineage are kept in memory (never on disk here: the
 journal does that while a write is pending), so a store that was reverted can be re-applied.
 """
@@ -37,6 +44,7 @@ class TokenHistory:
         self._rejected: OrderedDict[str, tuple[float, str]] = OrderedDict()
         self._latest: dict[str, Credentials] = {}
         self._issued: dict[str, float] = {}
+        self._observed: OrderedDict[str, str] = OrderedDict()
 
     # -- lineage ----------------------------------------------------------------------------
     def link(self, old: str, new: str) -> None:
@@ -55,34 +63,85 @@ class TokenHistory:
             self._successors.move_to_end(old)
             while len(self._successors) > MAX_LINKS:
                 self._successors.popitem(last=False)
-            if self._log_path is not None:
-                with contextlib.suppress(OSError):
-                    fd = os.open(self._log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-                    try:
-                        os.write(fd, f"{old} {new}\n".encode())
-                    finally:
-                        os.close(fd)
+            self._append(f"{old} {new}\n")
+
+    def _append(self, line: str) -> None:
+        """One line onto the log (caller holds ``_lock``: lines land in the order made)."""
+        if self._log_path is None:
+            return
+        with contextlib.suppress(OSError):
+            # O_NOFOLLOW|O_NONBLOCK: a symlink or FIFO planted here is never appended through.
+            fd = os.open(self._log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+                         | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, line.encode())
+            finally:
+                os.close(fd)
+
+    def observe(self, old: str, new: str) -> None:
+        """Record that a store's ``old`` token was seen replaced by ``new`` by someone else
+        (not a rotation we could confirm): the heir ``old``'s family adopts when due."""
+        if old == new:
+            return
+        with self._lock:
+            if self._observed.get(old) == new:
+                return
+            self._observed[old] = new
+            self._observed.move_to_end(old)
+            while len(self._observed) > MAX_LINKS:
+                self._observed.popitem(last=False)
+            self._append(f"obs {old} {new}\n")
+
+    def heirs(self, fp: str) -> list[str]:
+        """Tokens seen replacing ``fp``'s lineage, nearest first, each followed to the newest
+        token of its own lineage (cycle-safe)."""
+        out: list[str] = []
+        with self._lock:
+            seen = {fp}
+            current = self._follow(fp, seen)
+            while (nxt := self._observed.get(current)) is not None and nxt not in seen:
+                seen.add(nxt)
+                current = self._follow(nxt, seen)
+                out.append(current)
+        return out
+
+    def _follow(self, fp: str, seen: set[str]) -> str:
+        while fp in self._successors and self._successors[fp] not in seen:
+            fp = self._successors[fp]
+            seen.add(fp)
+        return fp
 
     def load(self) -> None:
         """Read the lineage log and rewrite it compacted (the newest ``MAX_LINKS`` links)."""
         if self._log_path is None:
             return
-        try:
-            lines = self._log_path.read_text(encoding="ascii", errors="replace").splitlines()
-        except OSError:
+        from .errors import StoreError
+        from .fileio import read_regular_file
+
+        try:  # no symlink followed, no FIFO waited on, size capped
+            data = read_regular_file(self._log_path, 64 * 1024 * 1024).data
+        except StoreError:
             return
+        lines = data.decode("ascii", errors="replace").splitlines()
         with self._lock:
             for line in lines:
                 parts = line.split()
                 if len(parts) == 2 and parts[0] != parts[1]:
                     self._successors[parts[0]] = parts[1]
                     self._successors.move_to_end(parts[0])
+                elif len(parts) == 3 and parts[0] == "obs" and parts[1] != parts[2]:
+                    self._observed[parts[1]] = parts[2]
+                    self._observed.move_to_end(parts[1])
             while len(self._successors) > MAX_LINKS:
                 self._successors.popitem(last=False)
-            if len(lines) > len(self._successors):
+            while len(self._observed) > MAX_LINKS:
+                self._observed.popitem(last=False)
+            if len(lines) > len(self._successors) + len(self._observed):
                 from .fileio import atomic_write
 
-                data = "".join(f"{a} {b}\n" for a, b in self._successors.items()).encode()
+                data = "".join([*(f"{a} {b}\n" for a, b in self._successors.items()),
+                                *(f"obs {a} {b}\n" for a, b in self._observed.items())]
+                               ).encode()
                 with contextlib.suppress(OSError, ValueError):
                     atomic_write(self._log_path, data, mode=0o600)
 

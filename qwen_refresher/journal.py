@@ -14,11 +14,14 @@ import time
 from pathlib import Path
 
 from .models import Credentials, ProfileKey
-from .state import JournalEntry, read_journal, write_journal
+from .state import JournalEntry, check_state_dir, read_journal, write_journal
 
 
 class Journal:
     def __init__(self, state_dir: Path) -> None:
+        # The first look at the state dir: one that is not ours alone (or holds a planted
+        # symlink or FIFO) is refused here, exit 78, before a byte of it is read.
+        check_state_dir(state_dir)
         self._dir = state_dir
         self._lock = threading.Lock()
         #: fingerprints with an entry on disk; lets ``settle`` skip the disk when none is

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import secrets
-import shlex
 import signal
 import sys
 import threading
@@ -34,7 +33,16 @@ from typing import Any, TextIO
 
 from . import discovery, paths
 from .config import Settings, load_settings
-from .errors import DeviceFlowError, LockTimeout, QwenRefresherError, StoreError, StoreWriteError
+from .errors import (
+    DeviceFlowError,
+    LockTimeout,
+    LoginTargetMissing,
+    QwenRefresherError,
+    StoreError,
+    StoreWriteError,
+    TransientOAuthError,
+)
+from .escape import printable, shell_join
 from .fileio import ensure_private_dir
 from .hooks import HookResult, resolve_on_rotate, run_hook
 from .logsetup import REDACTOR
@@ -460,8 +468,70 @@ def resolve_target(store_arg: str | None, profile_arg: str | None) -> tuple[Stor
     return store, profile
 
 
+def _confirm_new_openclaw_store(store: Store, err: TextIO) -> None:
+    """No ``--store``, and the default store does not exist because OpenClaw has never run for
+    this user: creating ``~/.openclaw/agents/main/agent/auth-profiles.json`` silently would
+    leave a login nobody uses. Say so; on a terminal ask, elsewhere require ``--store``."""
+    if store.path.exists() or Path(paths.openclaw_state_dir()).is_dir():
+        return
+    where = paths.shorten_home(store.path)
+    _say(f"OpenClaw's state dir {paths.shorten_home(paths.openclaw_state_dir())} does not "
+         f"exist (is OpenClaw installed for this user, or OPENCLAW_STATE_DIR set?). "
+         f"A login now creates a new store: {where}", err)
+    if sys.stdin is not None and sys.stdin.isatty() and err.isatty():
+        err.write("Create it? [y/N] ")
+        err.flush()
+        if sys.stdin.readline().strip().lower() in ("y", "yes"):
+            return
+    raise LoginTargetMissing(
+        f"no OpenClaw state dir; nothing was created. Name the store to create: "
+        f"{shell_join(['qwen-refresher', 'login', '--store', str(store.path)])}")
+
+
+SPINNER = "|/-\\"
+
+
+class _Countdown:
+    """The wait for approval, visible: a live "4m32s left" on a terminal, a plain line every
+    minute otherwise (logs, CI). Used as ``wait_for_device_token``'s ``sleep``."""
+
+    def __init__(self, deadline: float, stream: TextIO) -> None:
+        self.deadline = deadline  # time.monotonic() based, as DeviceAuthorization.deadline
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.last_plain = time.monotonic()
+        self.spinner = 0
+
+    def __enter__(self) -> _Countdown:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.tty:
+            self.stream.write("\r\033[K")  # clear the countdown line
+            self.stream.flush()
+
+    def _left(self) -> str:
+        left = max(0, int(self.deadline - time.monotonic()))
+        return f"{left // 60}m{left % 60:02d}s" if left >= 60 else f"{left}s"
+
+    def sleep(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while (now := time.monotonic()) < end:
+            if self.tty:
+                self.spinner = (self.spinner + 1) % len(SPINNER)
+                self.stream.write(f"\r\033[K{SPINNER[self.spinner]} waiting for approval, "
+                                  f"{self._left()} left (Ctrl-C cancels)")
+                self.stream.flush()
+            elif now - self.last_plain >= 60:
+                self.last_plain = now
+                _say(f"still waiting for approval, {self._left()} left", self.stream)
+            time.sleep(min(1.0, end - now))
+
+
 def _say(text: str, stream: TextIO) -> None:
-    stream.write(text + "\n")
+    """One message for the person at the terminal; each line ``escape.printable``, since store
+    paths and profile ids are names we do not choose (escape codes, undecodable bytes)."""
+    stream.write("\n".join(printable(line) for line in text.split("\n")) + "\n")
     stream.flush()  # a pipe is block-buffered; the URL must show while we wait
 
 
@@ -512,6 +582,8 @@ def _login(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         "state_dir": getattr(args, "state_dir", None),
     }, config_file=getattr(args, "config", None))
     store, profile = resolve_target(getattr(args, "store", None), getattr(args, "profile", None))
+    if getattr(args, "store", None) is None:
+        _confirm_new_openclaw_store(store, err)
     # Before any code is shown: a store we could not write must not cost the person a login.
     targets = linked_targets(store, profile, settings)
     _say(f"Logging in {store.describe()}#{profile}", err)
@@ -522,15 +594,20 @@ def _login(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     qr = out.isatty() and not getattr(args, "no_qr", False)
     with QwenOAuthClient(settings.token_url, settings.device_code_url, settings.client_id,
                          timeout=settings.http_timeout) as client:
-        auth = client.start_device_flow()
+        try:
+            auth = client.start_device_flow()
+        except TransientOAuthError as exc:
+            raise TransientOAuthError(f"cannot start a login at {settings.device_code_url}: "
+                                      f"{exc.reason}; nothing was written") from None
         _show_code(auth, qr=qr, out=out)
         valid = (f"{auth.expires_in:.0f} s" if auth.expires_in < 90
                  else f"{auth.expires_in / 60:.0f} min")
         _say(f"Waiting for approval (the code is valid for {valid}; Ctrl-C cancels)...", err)
         try:
-            grant = client.wait_for_device_token(auth)
+            with _Countdown(auth.deadline, err) as countdown:
+                grant = client.wait_for_device_token(auth, sleep=countdown.sleep)
         except DeviceFlowError as exc:
-            again = shlex.join(["qwen-refresher", "login", "--store", str(store.path),
+            again = shell_join(["qwen-refresher", "login", "--store", str(store.path),
                                 "--profile", profile])
             raise DeviceFlowError(f"login failed: {exc}; nothing was written. "
                                   f"Run `{again}` to try again.") from None

@@ -2,21 +2,34 @@
 
 Redaction is a processor at the end of the chain, so it guards every log line whatever the
 call site passed: values under secret-sounding keys are dropped, and any string containing a
-token the daemon currently knows (stores, memory, journal) has it replaced. The tokens are
-registered with ``REDACTOR.add`` as soon as they are read or received.
+token the daemon currently knows (stores, memory, journal) has it replaced, in any of the
+forms the token can take on the way out (``secret_forms``: raw, URL-encoded, JSON-escaped,
+base64, hex). The tokens are registered with ``REDACTOR.add`` as soon as they are read or
+received. Records of the standard ``logging`` module go through the same chain.
+
+Every other way out has one function here, called at its boundary: ``redact_text`` (notices,
+printed text), ``redact_document`` / ``dumps_redacted`` (``state.json``, ``status --json``),
+``redact_environ`` (a hook's environment and a runner's argv).
 """
 
 from __future__ import annotations
 
-import logging
+import binascii
+import functools
+import json
+import os
+import re
 import sys
 import threading
 import time
-from collections.abc import MutableMapping
-from typing import Any, TextIO
+from collections.abc import Mapping, MutableMapping
+from urllib.parse import quote, quote_plus
 
 import ahocorasick
-import structlog
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # ``status`` imports this module to redact its output: no typing, no logging
+    from typing import Any, TextIO
 
 SECRET_KEYS = frozenset({
     "access", "refresh", "access_token", "refresh_token", "token", "device_code",
@@ -33,46 +46,205 @@ RECENT_TIER = 256
 MAX_AUTOMATON_WORD = 16 * 1024
 #: Shorter strings are not treated as secrets (they would mask ordinary words).
 MIN_SECRET = 8
+#: Automaton keys are runs of ``KEY_CHARS`` characters taken from the forms of a secret (a hit
+#: is then checked against the whole form): the trie's size follows the number of keys, not
+#: the length of the forms, which keeps a dozen encodings of a token about as cheap as the
+#: raw token alone was. Every form is at least ``MIN_SECRET`` long, so holds a whole key.
+KEY_CHARS = MIN_SECRET
+_PERCENT_HEX = re.compile(r"%[0-9A-F]{2}")
+_JSON_U = re.compile(r"\\u[0-9a-f]{4}")
+#: Characters that URL-encoding (RFC 3986 "unreserved") and JSON leave as they are.
+_URLSAFE = bytes.maketrans(b"+/", b"-_")
+_UNRESERVED = re.compile(r"[A-Za-z0-9._~-]*")
+
+
+def _hex_lower(quoted: str) -> str:
+    """``%2F`` -> ``%2f``: some encoders (and hand-written code) emit lower-case hex."""
+    return _PERCENT_HEX.sub(lambda m: m.group(0).lower(), quoted)
+
+
+def _base64_forms(data: bytes) -> set[str]:
+    """The base64 texts that give ``data`` away, wherever it sits in a longer payload.
+
+    Encoded alone, ``data`` is one text (padded or not). Inside a longer payload its bytes
+    start at offset 0, 1 or 2 of a 3-byte group, and the characters that straddle the edges
+    depend on the bytes around it; but the groups made only of ``data``'s bytes encode the
+    same whatever surrounds them. For each alignment that inner run is what we mask (at most
+    two bytes of the secret stay visible at each edge, mixed with foreign bits).
+    """
+    encoded = {binascii.b2a_base64(data, newline=False)}
+    for skip in (0, 1, 2):
+        usable = (len(data) - skip) // 3 * 3
+        if usable > 0:
+            encoded.add(binascii.b2a_base64(data[skip:skip + usable], newline=False))
+    encoded |= {text.rstrip(b"=") for text in encoded}
+    encoded |= {text.translate(_URLSAFE) for text in encoded}
+    return {text.decode("ascii") for text in encoded}
+
+
+def secret_forms(secret: str) -> set[str]:
+    """Every text under which ``secret`` can leave this process, the raw one included.
+
+    A token reaches an output in other clothes than its own: a token server's error body
+    echoes our request form URL-encoded (``quote_plus``, upper- or lower-case hex), a JSON
+    document or a JSON log line escapes it (``ensure_ascii`` or not), an Authorization
+    header or a data: URL carries it base64 (standard or URL-safe, padded or not, and at any
+    alignment inside a longer payload), a dump of our request body carries it base64 *of its
+    URL-encoded form*, a debug dump shows it as hex. Masking by value must know all
+    of them; forms shorter than ``MIN_SECRET`` are left out (they would mask ordinary words).
+    """
+    if not secret:
+        return set()
+    forms = {secret}
+    if _UNRESERVED.fullmatch(secret):  # the usual token: URL and JSON leave it as it is
+        forms.add(secret.replace("~", "%7E"))
+    else:
+        strict = quote(secret, safe="")
+        for quoted in (strict, strict.replace("~", "%7E"), quote(secret),
+                       quote(secret, safe="!'()*"),  # JavaScript's encodeURIComponent
+                       quote_plus(secret), quote_plus(secret, safe="/")):
+            forms |= {quoted, _hex_lower(quoted)}
+        for ascii_only in (True, False):
+            escaped = json.dumps(secret, ensure_ascii=ascii_only)[1:-1]
+            forms |= {escaped, escaped.replace("/", "\\/"),  # some encoders escape "/"
+                      _JSON_U.sub(lambda m: m.group(0).upper().replace("\\U", "\\u"),
+                                  escaped)}
+    try:
+        data = secret.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: no byte form to look for
+        data = secret.encode("utf-8", "surrogatepass")
+    forms |= _base64_forms(data)
+    # A server that dumps our request body in base64 encodes the token as the form carried
+    # it: URL-encoded first (``quote_plus``, and ``quote`` for a query string).
+    if not _UNRESERVED.fullmatch(secret):
+        for quoted in {quote_plus(secret), quote(secret, safe="")}:
+            forms |= _base64_forms(quoted.encode("ascii"))
+    hexed = data.hex()
+    forms |= {hexed, hexed.upper()}
+    return {f for f in forms if len(f) >= MIN_SECRET}
+
+
+@functools.lru_cache(maxsize=1024)
+def _forms(secret: str) -> tuple[str, ...]:
+    """``secret_forms`` as a tuple, cached: a hit re-derives the forms of the secret it
+    names instead of the redactor keeping every form of every secret in memory."""
+    return tuple(sorted(secret_forms(secret), key=len, reverse=True))
+
+
+def _keys(secret: str) -> str:
+    """The automaton keys of ``secret``, concatenated, ``KEY_CHARS`` characters each.
+
+    Every form must contain a key. Most forms share long runs (a token's URL-encoded forms
+    end like the token; its padded, unpadded and inner base64 runs start alike), so keys
+    are picked shortest form first and a form that already contains a picked key adds none:
+    a typical token needs five or six keys for its dozen forms.
+    """
+    keys: list[str] = []
+    for form in sorted(_forms(secret), key=len):
+        if not any(key in form for key in keys):
+            keys.append(form[-KEY_CHARS:])
+    return "".join(keys)
+
+
+#: How long to keep scrubbing a secret, and its automaton keys (``_keys``).
+_Entry = tuple[float, str]
 
 
 class _Tier:
-    """A set of secrets and the automaton that finds them (built lazily when it changed)."""
+    """A set of secrets and the automaton that finds them (built lazily when it changed).
+
+    The automaton maps each key (``_keys``) to its secret, or to the secrets when several
+    share it; a key hit is only a candidate, confirmed by comparing the whole form, which
+    is derived again from the secret (``_forms``, cached) rather than kept for every secret.
+    """
 
     def __init__(self) -> None:
-        self.secrets: dict[str, float] = {}  # secret -> scrub at least until this time
+        self.secrets: dict[str, _Entry] = {}  # raw secret -> (keep until, its keys)
         self._automaton: Any = None
-        self._dirty = False
+        self._rebuild = False  # the set was replaced: build a new automaton
+        self._pending: list[str] = []  # added since the automaton was made
 
     def add(self, secret: str, until: float) -> None:
-        if secret not in self.secrets:
-            self._dirty = True
-        self.secrets[secret] = max(until, self.secrets.get(secret, 0.0))
+        known = self.secrets.get(secret)
+        if known is None:
+            self.secrets[secret] = (until, _keys(secret))
+            self._pending.append(secret)
+        elif until > known[0]:
+            self.secrets[secret] = (until, known[1])
 
-    def replace(self, secrets: dict[str, float]) -> None:
-        self.secrets, self._dirty = secrets, True
+    def put(self, secret: str, entry: _Entry) -> None:
+        """Add with its keys already computed (a merge from the other tier)."""
+        known = self.secrets.get(secret)
+        if known is None:
+            self.secrets[secret] = entry
+            self._pending.append(secret)
+        elif entry[0] > known[0]:
+            self.secrets[secret] = (entry[0], known[1])
+
+    def replace(self, secrets: dict[str, _Entry]) -> None:
+        self.secrets, self._rebuild, self._pending = secrets, True, []
 
     def automaton(self) -> Any:
-        if self._dirty:
-            automaton = None
-            if self.secrets:
-                automaton = ahocorasick.Automaton()
-                for secret in self.secrets:
-                    automaton.add_word(secret, len(secret))
-                automaton.make_automaton()
-            self._automaton, self._dirty = automaton, False
+        """The automaton, brought up to date: rebuilt after ``replace``, extended in place
+        after ``add`` (a rotation adds a handful of keys, not a rebuild of the tier)."""
+        if self._rebuild:
+            self._automaton = ahocorasick.Automaton() if self.secrets else None
+            self._rebuild, self._pending = False, list(self.secrets)
+        if self._pending:
+            automaton = self._automaton
+            if automaton is None:
+                automaton = self._automaton = ahocorasick.Automaton()
+            for secret in self._pending:
+                keys = self.secrets[secret][1]
+                for i in range(0, len(keys), KEY_CHARS):
+                    key = keys[i:i + KEY_CHARS]
+                    owner = automaton.get(key, None)
+                    if owner is None:
+                        automaton.add_word(key, secret)
+                    elif owner != secret and secret not in owner:  # two secrets, one key
+                        automaton.add_word(
+                            key, (*(owner if isinstance(owner, tuple) else (owner,)), secret))
+            automaton.make_automaton()
+            self._pending = []
         return self._automaton
 
 
-def _apply(automaton: Any, text: str) -> str:
+def _find(automaton: Any, text: str, spans: list[tuple[int, int]]) -> None:
+    """Append the spans of ``text`` that hold a whole form of a secret whose key it hit.
+
+    A key hit only names a candidate secret; its forms are then searched with ``str.find``.
+    Checking each hit in place instead would cost the text's length times the form's for a
+    hostile low-entropy token (``aaaa…``) echoed in a long body; this stays linear.
+    """
+    candidates: set[str] = set()
+    for _, owner in automaton.iter(text):
+        if isinstance(owner, tuple):
+            candidates.update(owner)
+        else:
+            candidates.add(owner)
+    for secret in candidates:
+        for form in _forms(secret):
+            at = text.find(form)
+            while at >= 0:
+                spans.append((at, at + len(form)))
+                at = text.find(form, at + len(form))
+
+
+def _mask(text: str, spans: list[tuple[int, int]]) -> str:
+    """``text`` with each span replaced by MASK; overlapping spans merge into one mask, so
+    of two secrets sharing a prefix the longer one is hidden whole."""
+    merged: list[list[int]] = []
+    for start, end in sorted(spans):
+        if merged and start < merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
     out: list[str] = []
-    start = 0
-    for end, length in automaton.iter_long(text):
-        out.append(text[start:end - length + 1])
-        out.append(MASK)
-        start = end + 1
-    if not out:
-        return text
-    out.append(text[start:])
+    pos = 0
+    for start, end in merged:
+        out += (text[pos:start], MASK)
+        pos = end
+    out.append(text[pos:])
     return "".join(out)
 
 
@@ -83,19 +255,24 @@ class Redactor:
     checked against all of them, tokens that may share long prefixes (a JWT's header). An
     Aho-Corasick automaton (pyahocorasick) finds every one of them in one pass over the line,
     whatever their number. Secrets live in two tiers, like an LSM tree: new ones go to a small
-    tier that is cheap to rebuild after every rotation, and are merged into the large tier
+    tier that is cheap to extend after every rotation, and are merged into the large tier
     only every ``RECENT_TIER`` additions. ``retain`` drops secrets that are neither live nor
     recent, so memory follows the number of profiles, not the number of refreshes.
+
+    Each secret is looked for in all its forms (``secret_forms``, a dozen for a token with
+    ``+/=``), through a few short keys per secret (``_keys``): the automaton is smaller than
+    one holding the raw tokens whole, and a hit is confirmed by searching the forms.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._stable = _Tier()
         self._recent = _Tier()
-        self._long: list[str] = []
+        self._long: dict[str, None] = {}  # forms of absurdly long secrets, oldest first
 
     def add(self, *secrets: str | None, until: float | None = None) -> None:
-        """Scrub these from now on, at least until ``until`` (default: a day from now).
+        """Scrub these, in every encoding (``secret_forms``), from now on, at least until
+        ``until`` (default: a day from now).
 
         A token is worth hiding while it could still be used: an access token until it
         expires, a refresh token while a store holds it (``retain`` keeps those).
@@ -107,44 +284,64 @@ class Redactor:
                 if not secret or len(secret) < MIN_SECRET:
                     continue
                 if len(secret) > MAX_AUTOMATON_WORD:
-                    # pyahocorasick frees its trie recursively: a megabyte-long word crashes
-                    # the interpreter. Such a "token" is absurd, but must still be scrubbed.
-                    if secret not in self._long:
-                        self._long.append(secret)
-                        del self._long[:-16]
-                elif secret in self._stable.secrets:
-                    self._stable.secrets[secret] = max(keep, self._stable.secrets[secret])
+                    # Such a "token" is absurd, but must still be scrubbed: a plain replace,
+                    # since a run of one repeated character would hit its key everywhere.
+                    for form in sorted(secret_forms(secret), key=len, reverse=True):
+                        self._long[form] = None
+                    while len(self._long) > 16 * 16:
+                        del self._long[next(iter(self._long))]
+                    continue
+                stable = self._stable.secrets.get(secret)
+                if stable is not None:
+                    self._stable.secrets[secret] = (max(keep, stable[0]), stable[1])
                 else:
                     self._recent.add(secret, keep)
             if len(self._recent.secrets) > RECENT_TIER:
-                merged = {s: t for s, t in {**self._stable.secrets, **self._recent.secrets}
-                          .items() if t >= now}
-                while len(merged) > MAX_SECRETS:  # bounded: forget the oldest
-                    del merged[next(iter(merged))]
-                self._stable.replace(merged)
-                self._recent.replace({})
+                self._merge(now)
+
+    def _merge(self, now: float) -> None:
+        """Move the recent tier into the large one: in place when few of the large tier's
+        secrets have expired (a start-up reading thousands of stores merges often), else
+        rebuilt without the expired ones (memory follows live secrets under churn)."""
+        stable = self._stable.secrets
+        expired = sum(1 for until, _ in stable.values() if until < now)
+        if expired * 4 <= len(stable) and len(stable) + RECENT_TIER <= MAX_SECRETS:
+            for secret, entry in self._recent.secrets.items():
+                self._stable.put(secret, entry)
+        else:
+            merged = {s: e for s, e in {**stable, **self._recent.secrets}.items()
+                      if e[0] >= now}
+            while len(merged) > MAX_SECRETS:  # bounded: forget the oldest
+                del merged[next(iter(merged))]
+            self._stable.replace(merged)
+        self._recent.replace({})
 
     def retain(self, live: set[str]) -> None:
         """Forget secrets that are not ``live`` and whose keep-until time has passed."""
         now = time.time()
         with self._lock:
             merged = {**self._stable.secrets, **self._recent.secrets}
-            self._stable.replace({s: t for s, t in merged.items() if s in live or t >= now})
+            self._stable.replace({s: e for s, e in merged.items() if s in live or e[0] >= now})
             self._recent.replace({})
 
     def __len__(self) -> int:
+        """Secrets known (each stands for all its forms)."""
         return len(self._stable.secrets) + len(self._recent.secrets)
 
     def scrub(self, text: str) -> str:
-        for secret in self._long:
-            text = text.replace(secret, MASK)
+        """``text`` with every known secret, in any of its forms, replaced by MASK."""
+        with self._lock:
+            long_forms = tuple(self._long)
+        for form in long_forms:
+            text = text.replace(form, MASK)
         if len(text) < MIN_SECRET:
             return text
-        with self._lock:
-            automata = [a for a in (self._stable.automaton(), self._recent.automaton()) if a]
-        for automaton in automata:
-            text = _apply(automaton, text)
-        return text
+        spans: list[tuple[int, int]] = []
+        with self._lock:  # held while scanning: ``add`` extends the automata in place
+            for automaton in (self._stable.automaton(), self._recent.automaton()):
+                if automaton is not None:
+                    _find(automaton, text, spans)
+        return _mask(text, spans) if spans else text
 
     def scrub_value(self, value: Any) -> Any:
         if isinstance(value, str):
@@ -171,19 +368,80 @@ class Redactor:
 REDACTOR = Redactor()
 
 
+# -- the boundaries: one function per kind of way out -------------------------------------------
+
+
+def redact_text(text: str) -> str:
+    """Text about to leave the process (a notice's title and body, a printed status, a log
+    line built by hand): every known secret, in every form, masked."""
+    return REDACTOR.scrub(text)
+
+
+def redact_document(document: Any) -> Any:
+    """A JSON document about to be written or sent (``state.json``, ``status --json``, a
+    webhook payload): the same structure and types, every string (keys included) scrubbed.
+
+    Unlike a log event, keys with secret-sounding names keep their values' shape: published
+    documents have a schema, and no token is ever put in one on purpose; what this catches is a
+    token *inside* text, such as a server's error echoed into ``last_error``.
+    """
+    if isinstance(document, str):
+        return REDACTOR.scrub(document)
+    if isinstance(document, dict):
+        return {redact_document(k) if isinstance(k, str) else k: redact_document(v)
+                for k, v in document.items()}
+    if isinstance(document, list | tuple):
+        return [redact_document(v) for v in document]
+    return document
+
+
+def dumps_redacted(document: Any, **options: Any) -> str:
+    """``json.dumps(redact_document(document), **options)``, at the cost of one scan of the
+    serialized text when no secret is in it (the usual case: a ``state.json`` of two thousand
+    profiles is scanned once instead of string by string). The serialized text is only
+    checked, never edited: a mask there could cut through the JSON syntax."""
+    text = json.dumps(document, **options)
+    if REDACTOR.scrub(text) == text:
+        return text
+    return json.dumps(redact_document(document), **options)
+
+
+def redact_environ(variables: Mapping[str, str]) -> dict[str, str]:
+    """Variables (or argv words) we hand a child process: values scrubbed, names kept."""
+    return {name: REDACTOR.scrub(value) for name, value in variables.items()}
+
+
+#: Marks the root handler ``configure`` installs, so a second call replaces it.
+_HANDLER_MARK = "_qwen_refresher_handler"
+
+
 def configure(*, fmt: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
-    """JSON when the stream is not a terminal (systemd, Docker, files), console when it is."""
+    """JSON when the stream is not a terminal (systemd, Docker, files), console when it is.
+
+    Records of the standard ``logging`` module (httpx, apscheduler, watchdog, urllib3, warnings,
+    uncaught exceptions in threads) go through structlog's ``ProcessorFormatter`` to the same
+    stream, and so through the same redactor and renderer as our own lines: a library that logs
+    a request body or an exception text cannot print a token past it.
+    """
+    import logging
+
+    import structlog
+
     out = stream or sys.stdout
     use_json = fmt == "json" or (fmt == "auto" and not out.isatty())
+    stamp = structlog.processors.TimeStamper(fmt="iso", utc=True)
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        stamp,
         structlog.processors.format_exc_info,
         REDACTOR,
     ]
+    colors = out.isatty() and not os.environ.get("NO_COLOR")  # https://no-color.org
     renderer: Any = (structlog.processors.JSONRenderer() if use_json
-                     else structlog.dev.ConsoleRenderer(colors=out.isatty()))
+                     else structlog.dev.ConsoleRenderer(colors=colors))
+    if _writes_to_journal(out):
+        renderer = _JournalPriority(renderer)
     structlog.configure(
         processors=[*processors, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(
@@ -193,10 +451,71 @@ def configure(*, fmt: str = "auto", level: str = "info", stream: TextIO | None =
     )
     for noisy in ("httpx", "httpcore", "apscheduler", "watchdog"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # Library warnings (apscheduler's, say) still reach us, through the same redaction.
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.contextvars.merge_contextvars,
+                           structlog.processors.add_log_level,
+                           structlog.stdlib.add_logger_name, stamp],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.format_exc_info, REDACTOR, renderer],
+    )
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(formatter)
+    setattr(handler, _HANDLER_MARK, True)
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, _HANDLER_MARK, False)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    logging.captureWarnings(True)
+    threading.excepthook = _log_thread_crash
+
+
+#: syslog priorities by structlog level, for journald's ``<N>`` line prefix (sd-daemon(3)).
+_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "warn": 4, "error": 3, "exception": 3,
+             "critical": 2, "fatal": 2}
+
+
+def _writes_to_journal(out: TextIO) -> bool:
+    """True when ``out`` is the stream systemd connected to the journal.
+
+    systemd sets ``JOURNAL_STREAM=<dev>:<inode>`` for a service's stdout/stderr; a child that
+    redirected its output elsewhere inherits the variable, so the pair must match our stream.
+    """
+    expected = os.environ.get("JOURNAL_STREAM", "")
+    if not expected:
+        return False
+    try:
+        st = os.fstat(out.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return expected == f"{st.st_dev}:{st.st_ino}"
+
+
+class _JournalPriority:
+    """Prefix each rendered line with ``<N>`` so journald records its priority and
+    ``journalctl -p warning`` shows warnings and errors only (the prefix is stripped there)."""
+
+    def __init__(self, renderer: Any) -> None:
+        self.renderer = renderer
+
+    def __call__(self, logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> str:
+        level = str(event_dict.get("level", method)).lower()
+        return f"<{_PRIORITY.get(level, 6)}>{self.renderer(logger, method, event_dict)}"
+
+
+def _log_thread_crash(args: threading.ExceptHookArgs) -> None:
+    """A thread's uncaught exception, logged (redacted) instead of printed raw to stderr."""
+    import logging
+
+    if args.exc_type is SystemExit or args.exc_value is None:
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    logging.getLogger("qwen_refresher").critical(
+        "uncaught exception in thread %s", name,
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
 
 
 def get_logger(**context: Any) -> Any:
+    import structlog
+
     return structlog.get_logger("qwen_refresher").bind(**context)

@@ -6,7 +6,10 @@ own profile list at scrape time by a custom collector, so there is no second cop
 to keep in sync or to leave stale when a profile disappears.
 
 Labels come from closed sets (results, reasons) or are store paths and profile ids; a token
-value can never become a label or a sample value.
+value can never become a label or a sample value. Paths and ids are names we do not choose (a
+lone surrogate in a JSON key, an agent directory that is not UTF-8, escape codes): they pass
+through ``escape.printable`` first, because one label value that is not UTF-8 makes
+``generate_latest`` raise and ``/metrics`` fail for every profile.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
+from .escape import printable
 from .state import ProfileStatus
 
 PREFIX = "qwen_refresher"
@@ -47,9 +51,10 @@ class ProfileCollector(Collector):
         return list(self._families())
 
     def collect(self) -> Iterator[Metric]:
-        expiry, next_refresh, last_success, needs_login, state = self._families()
+        (expiry, next_refresh, last_success, needs_login, state, reload_failing,
+         reload_since) = self._families()
         for p in self._profiles_fn():
-            labels = [p["store"], p["profile"]]
+            labels = [printable(p["store"]), printable(p["profile"])]
             if p["expires_at"] is not None:
                 expiry.add_metric(labels, p["expires_at"])
             if p["next_refresh_at"] is not None:
@@ -59,7 +64,13 @@ class ProfileCollector(Collector):
             needs_login.add_metric(labels, 1.0 if p["state"] == "needs_login" else 0.0)
             for name in STATES:
                 state.add_metric([*labels, name], 1.0 if p["state"] == name else 0.0)
-        yield from (expiry, next_refresh, last_success, needs_login, state)
+            hook = p.get("hook")
+            since = hook["failing_since"] if hook is not None and not hook["ok"] else None
+            reload_failing.add_metric(labels, 0.0 if since is None else 1.0)
+            if since is not None:
+                reload_since.add_metric(labels, since)
+        yield from (expiry, next_refresh, last_success, needs_login, state, reload_failing,
+                    reload_since)
 
     @staticmethod
     def _families() -> tuple[GaugeMetricFamily, ...]:
@@ -78,6 +89,12 @@ class ProfileCollector(Collector):
             GaugeMetricFamily(f"{PREFIX}_profile_state",
                               "1 for the profile's current state, 0 for the others.",
                               labels=[*labels, "state"]),
+            GaugeMetricFamily(f"{PREFIX}_reload_failing",
+                              "1 while on_rotate (the gateway reload) for the profile's newest "
+                              "tokens has failed and is being retried.", labels=labels),
+            GaugeMetricFamily(f"{PREFIX}_reload_failing_since_timestamp_seconds",
+                              "When on_rotate started failing (unix time), while it fails.",
+                              labels=labels),
         )
 
 
@@ -114,7 +131,7 @@ class Metrics:
             self.refresh_failures_total.labels(reason=_closed(reason, REASONS)).inc()
 
     def store_error(self, store: str) -> None:
-        self.store_errors_total.labels(store=store).inc()
+        self.store_errors_total.labels(store=printable(store)).inc()
 
     def render(self) -> tuple[bytes, str]:
         """The text exposition format and its content type."""

@@ -25,7 +25,6 @@ import contextlib
 import logging
 import os
 import queue
-import shlex
 import shutil
 import subprocess
 import threading
@@ -38,8 +37,9 @@ from typing import TYPE_CHECKING, Any, Literal
 from . import discovery
 from .config import Settings
 from .errors import ConfigError
+from .escape import printable, shell_join
 from .hooks import run_hook
-from .logsetup import REDACTOR
+from .logsetup import REDACTOR, redact_text
 from .paths import shorten_home
 from .state import ProfileStatus
 
@@ -151,34 +151,40 @@ class Notice:
     def store(self) -> str:
         return self.status["store"]
 
+    def shown_profile(self) -> str:
+        """The profile id as people see it (``escape.printable``): titles and bodies reach
+        desktops and terminals, and an id may hold escape codes or a lone surrogate."""
+        return printable(self.profile)
+
     def where(self) -> str:
         agent = self.status.get("agent")
         shown = shorten_home(self.store)
-        return f"{shown} (agent {agent})" if agent else shown
+        return printable(f"{shown} (agent {agent})" if agent else shown)
 
     def reason(self) -> str:
         return REDACTOR.scrub(self.status.get("last_error") or "no reason recorded")
 
     def refresher_command(self) -> str:
-        return shlex.join(["qwen-refresher", "login", "--store", self.store,
+        """Quoted for pasting (``escape.shell_join``): the path and id are not ours to trust."""
+        return shell_join(["qwen-refresher", "login", "--store", self.store,
                            "--profile", self.profile])
 
     def title(self) -> str:
         agent = self.status.get("agent")
-        owner = f"agent {agent}" if agent else (
-            "Qwen Code" if self.status.get("store_kind") == "qwen-code" else Path(self.store).name)
+        owner = printable(f"agent {agent}" if agent else (
+            "Qwen Code" if self.status.get("store_kind") == "qwen-code" else Path(self.store).name))
         if self.event == "recovered":
-            return f"Qwen login restored: {self.profile} ({owner})"
+            return f"Qwen login restored: {self.shown_profile()} ({owner})"
         prefix = "Reminder: " if self.event == "reminder" else ""
-        return f"{prefix}Qwen login needed: {self.profile} ({owner})"
+        return f"{prefix}Qwen login needed: {self.shown_profile()} ({owner})"
 
     def body(self) -> str:
         if self.event == "recovered":
             return REDACTOR.scrub(
-                f"Profile {self.profile} in {self.where()} has working tokens again; "
+                f"Profile {self.shown_profile()} in {self.where()} has working tokens again; "
                 "qwen-refresher keeps them fresh as before. Nothing more to do.")
         lines = [
-            f"Profile {self.profile} in {self.where()} needs a new Qwen login: the server "
+            f"Profile {self.shown_profile()} in {self.where()} needs a new Qwen login: the server "
             "refused its refresh token, and retrying cannot help.",
             f"The server said: {self.reason()}",
         ]
@@ -199,13 +205,16 @@ class Notice:
             ]
         else:
             lines.append("Log in again from a terminal on this machine:")
-        if self.status.get("login_command"):
-            lines += [f"  {self.status['login_command']}", "or:"]
+        # qwen-refresher's login first: it writes every store of the family at once.
         lines.append(f"  {self.refresher_command()}")
+        if self.status.get("login_command"):
+            lines += ["or, with OpenClaw (this store only):",
+                      f"  {printable(self.status['login_command'] or '')}"]
         return REDACTOR.scrub("\n".join(lines))
 
     def variables(self) -> dict[str, str]:
-        """The hook's environment (as ``QWEN_REFRESHER_<NAME>``): names and text, no token."""
+        """The hook's environment (as ``QWEN_REFRESHER_<NAME>``): names and text, no token.
+        (``hooks.hook_variables`` escapes the values for the environment.)"""
         variables = {
             "EVENT": self.event,
             "PROFILE": self.profile,
@@ -435,7 +444,10 @@ class Notifier:
                 self._queue.task_done()
 
     def _deliver(self, notice: Notice) -> None:
-        title, body = notice.title(), notice.body()
+        # The boundary for apprise (webhooks included) and the desktop: whatever the text is
+        # built from, no known token leaves in any encoding (the hook's environment is
+        # scrubbed where it is built, ``hooks.hook_variables``).
+        title, body = redact_text(notice.title()), redact_text(notice.body())
         self.log.info("notify", notice=notice.event, store=notice.store, profile=notice.profile,
                       login_link=notice.code is not None)
         for channel, send in (("hook", self._run_hook), ("apprise", self._send_apprise),

@@ -19,9 +19,8 @@ from tenacity.wait import wait_base, wait_exponential_jitter
 MIN_INTERVAL = 0.25
 #: One generator for the process: seeding a new one per call costs a urandom read each.
 _RNG = random.Random()
-#: The longest ``Retry-After`` we honour.
-MAX_RETRY_AFTER = 3600.0
-
+#: Never plan a retry sooner than this, even a moment before expiry: no tight loops.
+MIN_RETRY = 1.0
 
 @dataclass(frozen=True)
 class Timing:
@@ -58,28 +57,44 @@ def refresh_at(
 
 
 class wait_retry_after(wait_base):
-    """tenacity's exponential back-off with jitter, but never sooner than ``Retry-After``."""
+    """tenacity's exponential back-off with jitter, never sooner than ``Retry-After`` and
+    never later than ``ceiling``.
 
-    def __init__(self, cap: float, initial: float = 1.0) -> None:
+    The ceiling wins over the server: a ``Retry-After`` of a day must not leave a token to
+    expire unrefreshed (the server's own rate limit is over long before the token is).
+    """
+
+    def __init__(self, cap: float, initial: float = 1.0, ceiling: float | None = None) -> None:
         self._inner = wait_exponential_jitter(initial=initial, max=cap, jitter=initial)
-        self._cap = cap
+        self._ceiling = cap if ceiling is None else min(cap, ceiling)
 
     def __call__(self, retry_state: RetryCallState) -> float:
         delay = float(self._inner(retry_state))
         retry_after = getattr(retry_state, "retry_after", None)
         if isinstance(retry_after, int | float) and retry_after > delay:
-            # A server asking for more than an hour is probably wrong; an hour is our ceiling.
-            delay = min(float(retry_after), MAX_RETRY_AFTER)
-        return delay
+            delay = float(retry_after)
+        return min(delay, self._ceiling)
 
 
-def backoff_delay(attempt: int, *, cap: float, retry_after: float | None = None) -> float:
-    """Delay before retry number ``attempt`` (1 = first retry).
+def retry_ceiling(cap: float, expires_in: float | None) -> float:
+    """The latest a retry may be planned: ``retry_max``, or the token's expiry when that
+    comes first (but never under ``MIN_RETRY``). A token already expired is bounded by
+    ``retry_max`` alone: its expiry no longer tells us anything about when to try."""
+    if expires_in is None or not expires_in > 0:  # None, expired, NaN
+        return cap
+    return min(cap, max(expires_in, MIN_RETRY))
 
+
+def backoff_delay(attempt: int, *, cap: float, retry_after: float | None = None,
+                  expires_in: float | None = None) -> float:
+    """Delay before retry number ``attempt`` (1 = first retry), at most
+    ``retry_ceiling(cap, expires_in)`` whatever ``Retry-After`` says.
+
+    ``expires_in`` is the seconds left before the token the retry is for expires.
     Computed by tenacity's wait strategy rather than by sleeping inside tenacity, because the
     wait becomes the job's next run time: no thread and no lock is held while we wait.
     """
     state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
     state.attempt_number = max(1, attempt)
     state.retry_after = retry_after  # type: ignore[attr-defined]
-    return wait_retry_after(cap)(state)
+    return wait_retry_after(cap, ceiling=retry_ceiling(cap, expires_in))(state)

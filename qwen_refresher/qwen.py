@@ -20,17 +20,25 @@ import json
 import logging
 import math
 import secrets
+import ssl
 import threading
 import time
+import urllib.request
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC
 from types import TracebackType
 from typing import Any, Self
+from urllib.parse import urlsplit
 
+import httpcore
 import httpx
 
 from . import __version__, errors, models
+from .config import is_loopback_host
+from .logsetup import secret_forms
+from .stores.base import check_expires_in, check_token
 
 __all__ = [
     "DEFAULT_DEVICE_CODE_URL",
@@ -58,6 +66,18 @@ DEFAULT_POLL_INTERVAL = 2.0
 MAX_POLL_INTERVAL = 10.0
 MAX_DESCRIPTION = 200
 REDACTED = "[redacted]"
+#: Largest answer body we read, counted after decompression. A real answer is under 2 KiB.
+MAX_BODY = 64 * 1024
+#: Whole-request ceiling (connect, send, headers, body), whatever ``http_timeout`` says: a
+#: refresh runs under the store lock and OpenClaw breaks a lock older than 30 s.
+MAX_REQUEST_SECONDS = 20.0
+#: Once shutdown is asked for, a request whose bytes have started to leave gets this long
+#: (never more than its own deadline) to bring its answer back: the server may have rotated
+#: already, and the answer then carries the only live refresh token. Under the 10 s a service
+#: manager gives a stopping daemon. A request not started yet is never sent once stop is set.
+STOP_GRACE = 8.0
+#: How often a blocked read looks at the stop event.
+_STOP_POLL = 0.25
 
 log = logging.getLogger(__name__)
 # httpx logs every request line at INFO; our own log says what matters, once.
@@ -150,24 +170,33 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
 def _clean(text: str, secrets_sent: Iterable[str], limit: int = MAX_DESCRIPTION) -> str:
     """Server text made safe to log: our secrets redacted, one line, clipped.
 
-    Redaction happens before clipping so that a token cut by the clip cannot leak half of itself.
+    An error body that echoes our request shows the token the way the request carried it
+    (URL-encoded), or JSON-escaped, or base64: every form ``secret_forms`` knows is redacted,
+    longest first. Redaction happens before clipping so that a token cut by the clip cannot
+    leak half of itself.
     """
-    for secret in secrets_sent:
-        if secret:
-            text = text.replace(secret, REDACTED)
+    forms = {form for secret in secrets_sent for form in secret_forms(secret)}
+    for form in sorted(forms, key=len, reverse=True):
+        text = text.replace(form, REDACTED)
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _json_object(response: httpx.Response) -> dict[str, Any] | None:
+def _lenient_int(text: str) -> int | float:
+    """An integer literal too long for ``int()`` (Python's digit limit) is a float, not a
+    reason to throw away the whole answer and the new tokens in it."""
+    return int(text) if len(text) < 64 else float(text)
+
+
+def _json_object(response: _Answer) -> dict[str, Any] | None:
     try:
-        body = json.loads(response.content)
+        body = json.loads(response.content, parse_int=_lenient_int)
     except (ValueError, RecursionError):  # ValueError covers UnicodeDecodeError too
         return None
     return body if isinstance(body, dict) else None
 
 
-def _oauth_error(response: httpx.Response, secrets_sent: Iterable[str]) -> tuple[str, str]:
+def _oauth_error(response: _Answer, secrets_sent: Iterable[str]) -> tuple[str, str]:
     """(error code, description) from an OAuth error body, both cleaned; empty when absent."""
     body = _json_object(response) or {}
     sent = list(secrets_sent)
@@ -192,23 +221,61 @@ def _non_empty(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def _grant_from(response: httpx.Response, what: str) -> TokenGrant:
+def _plain_text(value: Any, limit: int) -> str | None:
+    """A short string without whitespace or control characters, else None."""
+    if isinstance(value, str) and 0 < len(value) <= limit and check_token(value, "") is None:
+        return value
+    return None
+
+
+def _grant_from(response: _Answer, what: str) -> TokenGrant:
+    """The answer's tokens, held to the rules a store value is held to, *before* anything
+    else looks at them.
+
+    Tokens that fail those rules are never written (our own store would then be "invalid"
+    for good): ``UnusableAnswer``. An unusable ``expires_in`` next to valid tokens is the
+    opposite case: the server has rotated, the old token is spent, so the tokens are kept and
+    the lifetime clamped (``check_expires_in``), with a warning.
+    """
     body = _json_object(response)
     if body is None:
-        kind = "an empty" if not response.content.strip() else "a non-JSON"
-        raise errors.TransientOAuthError(f"{what} answered HTTP 200 with {kind} body")
-    access = _non_empty(body.get("access_token"))
-    expires_in = _positive_number(body.get("expires_in"))
-    if access is None:
-        raise errors.TransientOAuthError(f"{what} answered HTTP 200 without an access_token")
-    if expires_in is None:
-        raise errors.TransientOAuthError(f"{what} answered HTTP 200 without a valid expires_in")
+        if not response.content.strip():
+            kind = "an empty body"
+        elif response.content.lstrip()[:1] == b"[":
+            kind = "a JSON body that is not an object"
+        else:
+            kind = "a non-JSON body"
+        raise errors.UnusableAnswer(f"{what} answered HTTP 200 with {kind}")
+    access = body.get("access_token")
+    new_refresh = body.get("refresh_token")
+    rotated = new_refresh not in (None, "")
+    refresh_problem = check_token(new_refresh, "refresh_token") if rotated else None
+    if refresh_problem is not None:
+        raise errors.UnusableAnswer(f"{what} answered HTTP 200 but {refresh_problem}")
+    problem = check_token(access, "access_token")
+    if problem is not None:
+        if rotated:
+            # The rotation happened and this is the only live refresh token: keep it.
+            log.warning("%s answered HTTP 200 with a valid new refresh token but %s; the "
+                        "refresh token is kept and spent again at once for a usable access "
+                        "token (unusable answer)", what, problem)
+            raise errors.RotatedUnusableAccess(f"{what} answered HTTP 200 but {problem}",
+                                               refresh_token=str(new_refresh))
+        raise errors.UnusableAnswer(f"{what} answered HTTP 200 but {problem}")
+    expires_in, clamp = check_expires_in(body.get("expires_in"))
+    if clamp is not None:
+        log.warning("%s answered HTTP 200 with valid tokens but %s; keeping the tokens and "
+                    "assuming they expire in %gs", what, clamp, expires_in)
+    resource_url = body.get("resource_url")
+    if resource_url not in (None, "") and _plain_text(resource_url, 255) is None:
+        log.warning("%s answered an unusable resource_url; leaving it out", what)
+    refresh = body.get("refresh_token")
     return TokenGrant(
-        access_token=access,
-        refresh_token=_non_empty(body.get("refresh_token")),
+        access_token=str(access),
+        refresh_token=refresh if isinstance(refresh, str) and refresh else None,
         expires_in=expires_in,
-        token_type=_non_empty(body.get("token_type")) or "Bearer",
-        resource_url=_non_empty(body.get("resource_url")),
+        token_type=_plain_text(body.get("token_type"), 32) or "Bearer",
+        resource_url=_plain_text(resource_url, 255),
     )
 
 
@@ -231,6 +298,199 @@ def _default_sleep(stop: threading.Event | None) -> Callable[[float], object]:
     return stop.wait if stop is not None else time.sleep
 
 
+# --------------------------------------------------------------------------- bounded requests
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """A response read whole, within the body cap: what the parsers above look at."""
+
+    status_code: int
+    headers: httpx.Headers
+    content: bytes
+
+
+class _Budget:
+    """The deadline of the request running on this thread, shortened when ``stop`` is set.
+
+    Before a byte of the request is written, stop ends it at once (nothing was spent).
+    After, the server may already have consumed the refresh token and its answer is the only
+    copy of the new one: the request keeps up to ``STOP_GRACE`` from the moment stop was
+    first seen, within its own deadline.
+    """
+
+    def __init__(self, seconds: float, stop: threading.Event | None) -> None:
+        self.deadline = time.monotonic() + seconds
+        self.stop = stop
+        #: Set by the first write of the request: from then on the server may act on it.
+        self.sent = False
+        self._stop_seen: float | None = None
+
+    def remaining(self) -> float:
+        now = time.monotonic()
+        if self.stop is not None and self.stop.is_set():
+            if self._stop_seen is None:
+                self._stop_seen = now
+            grace = STOP_GRACE if self.sent else 0.0
+            self.deadline = min(self.deadline, self._stop_seen + grace)
+        return self.deadline - now
+
+
+#: The budget of the request the current thread is making (the client is shared by threads,
+#: and httpcore does a request's I/O on the thread that made it).
+_BUDGET = threading.local()
+
+
+def _budget() -> _Budget | None:
+    budget: _Budget | None = getattr(_BUDGET, "current", None)
+    return budget
+
+
+def _bounded(timeout: float | None, exc: type[Exception]) -> float | None:
+    """``timeout`` cut to what is left of the request's budget; raises when nothing is."""
+    budget = _budget()
+    if budget is None:
+        return timeout
+    left = budget.remaining()
+    if left <= 0:
+        raise exc("the request's overall deadline passed")
+    return left if timeout is None else min(timeout, left)
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    """A socket whose every operation is bounded by the request's overall deadline.
+
+    httpx's timeouts are per operation: a server that drips one byte every 2 s never trips
+    a 15 s read timeout and can hold the request (and the store lock) open for ever. Each
+    read here may wait only for what is left of the budget, and looks at the stop event
+    every ``_STOP_POLL`` so that shutdown is not held up by a server that never answers.
+    """
+
+    def __init__(self, inner: httpcore.NetworkStream) -> None:
+        self._inner = inner
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        started = time.monotonic()
+        while True:
+            per_read = None if timeout is None else timeout - (time.monotonic() - started)
+            if per_read is not None and per_read <= 0:
+                raise httpcore.ReadTimeout("timed out")
+            left = _bounded(per_read, httpcore.ReadTimeout)
+            budget = _budget()
+            if budget is None or budget.stop is None or (left is not None
+                                                         and left <= _STOP_POLL):
+                return self._inner.read(max_bytes, left)
+            try:
+                # A timed-out recv consumes nothing, so polling in slices is safe.
+                return self._inner.read(max_bytes, _STOP_POLL)
+            except httpcore.ReadTimeout:
+                continue
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        bounded = _bounded(timeout, httpcore.WriteTimeout)  # raises if stopped before sending
+        budget = _budget()
+        if budget is not None:
+            budget.sent = True
+        self._inner.write(buffer, bounded)
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
+                  timeout: float | None = None) -> httpcore.NetworkStream:
+        return _DeadlineStream(self._inner.start_tls(
+            ssl_context, server_hostname, _bounded(timeout, httpcore.ConnectTimeout)))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
+class _DeadlineBackend(httpcore.NetworkBackend):
+    def __init__(self, inner: httpcore.NetworkBackend) -> None:
+        self._inner = inner
+
+    def connect_tcp(self, host: str, port: int, timeout: float | None = None,
+                    local_address: str | None = None,
+                    socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
+        return _DeadlineStream(self._inner.connect_tcp(
+            host, port, _bounded(timeout, httpcore.ConnectTimeout), local_address,
+            socket_options))
+
+    def connect_unix_socket(self, path: str, timeout: float | None = None,
+                            socket_options: Iterable[Any] | None = None,
+                            ) -> httpcore.NetworkStream:
+        return _DeadlineStream(self._inner.connect_unix_socket(
+            path, _bounded(timeout, httpcore.ConnectTimeout), socket_options))
+
+    def sleep(self, seconds: float) -> None:
+        self._inner.sleep(seconds)
+
+
+def _proxy_for(*urls: str) -> str | None:
+    """The proxy the environment asks for, or None. Never one for a loopback URL: a proxy
+    would receive the refresh token of a request meant never to leave this machine (and in
+    clear text, since loopback is where http:// is allowed)."""
+    hosts = [urlsplit(u).hostname or "" for u in urls]
+    if any(is_loopback_host(h) for h in hosts):
+        return None
+    proxies = urllib.request.getproxies()
+    scheme = urlsplit(urls[0]).scheme
+    if any(urllib.request.proxy_bypass(h) for h in hosts):
+        return None
+    return proxies.get(scheme) or proxies.get("all") or None
+
+
+def _transport(proxy: str | None) -> httpx.HTTPTransport:
+    """httpx's transport with every socket bounded by the request's overall deadline."""
+    transport = httpx.HTTPTransport(proxy=proxy)  # trust_env: SSL_CERT_FILE still counts
+    pool = transport._pool
+    # httpcore takes a network backend only in the pool's constructor, which httpx does not
+    # expose; the attribute is httpcore's documented extension point behind it.
+    pool._network_backend = _DeadlineBackend(pool._network_backend)
+    return transport
+
+
+def _decoder(encoding: str) -> Any:
+    """A zlib stream for the body's Content-Encoding, or None for identity."""
+    name = encoding.strip().lower()
+    if name in ("", "identity"):
+        return None
+    if name in ("gzip", "x-gzip"):
+        return zlib.decompressobj(zlib.MAX_WBITS | 16)
+    if name == "deflate":
+        return zlib.decompressobj()
+    raise ValueError("an unsupported Content-Encoding")
+
+
+def _read_body(response: httpx.Response, cap: int = MAX_BODY) -> bytes:
+    """The decoded body, refused (ValueError naming why) beyond ``cap`` bytes.
+
+    Decompression is ours, not httpx's, so that output is bounded *while inflating*: httpx
+    inflates a whole network chunk at once, and 64 KiB of gzip is 64 MiB of zeros. Raw bytes
+    are capped as well (a compressed stream that inflates to nothing can still be endless).
+    """
+    decoder = _decoder(response.headers.get("Content-Encoding", ""))
+    out = bytearray()
+    raw = 0
+    for chunk in response.iter_raw():
+        raw += len(chunk)
+        if raw > cap:
+            raise ValueError(f"a body larger than {cap // 1024} KiB")
+        if decoder is None:
+            out += chunk
+        else:
+            pending = chunk
+            while pending and len(out) <= cap:
+                try:
+                    out += decoder.decompress(pending, cap + 1 - len(out))
+                except zlib.error:
+                    raise ValueError("a body that does not decompress") from None
+                pending = decoder.unconsumed_tail
+        if len(out) > cap:
+            raise ValueError(f"a body larger than {cap // 1024} KiB once decompressed")
+    return bytes(out)
+
+
 # --------------------------------------------------------------------------- the client
 
 
@@ -246,10 +506,17 @@ class QwenOAuthClient:
         self.device_code_url = device_code_url
         self.client_id = client_id
         self.timeout = timeout
+        #: The whole request, answer included, never takes longer than this.
+        self.deadline = min(timeout, MAX_REQUEST_SECONDS)
         self._http = httpx.Client(
             timeout=httpx.Timeout(timeout),
-            headers={"User-Agent": user_agent, "Accept": "application/json"},
+            headers={"User-Agent": user_agent, "Accept": "application/json",
+                     "Accept-Encoding": "gzip, deflate"},
             follow_redirects=False,  # never re-send a refresh token somewhere we did not choose
+            # The environment's proxy is looked up once, here, by ``_proxy_for``; httpx's own
+            # lookup would send a loopback request (and its token) to HTTP_PROXY.
+            trust_env=False,
+            transport=_transport(_proxy_for(token_url, device_code_url)),
         )
 
     def close(self) -> None:
@@ -262,31 +529,56 @@ class QwenOAuthClient:
                  tb: TracebackType | None) -> None:
         self.close()
 
-    def _post(self, url: str, form: dict[str, str], what: str) -> httpx.Response:
+    def _post(self, url: str, form: dict[str, str], what: str,
+              stop: threading.Event | None = None) -> _Answer:
+        """POST ``form`` and read the answer within ``self.deadline`` and ``MAX_BODY``.
+
+        A 200 whose body cannot be read whole (too big, too slow, broken) is UnusableAnswer:
+        the server may have rotated already. Anything else that fails is transient.
+        """
+        if stop is not None and stop.is_set():
+            # Stopping: a request never sent spends nothing, one sent now might be cut.
+            raise errors.TransientOAuthError(f"not sent to {what}: the daemon is stopping")
         started = time.monotonic()
+        _BUDGET.current = _Budget(self.deadline, stop)
+        status: int | None = None
         try:
-            response = self._http.post(url, data=form)
+            with self._http.stream("POST", url, data=form) as response:
+                status = response.status_code
+                body = _read_body(response)
+                headers = response.headers
         except httpx.TransportError as exc:
             # ``from None``: httpx exceptions carry the request, and the request carries tokens.
-            raise errors.TransientOAuthError(_transport_reason(exc, what)) from None
-        log.debug("%s answered HTTP %d in %.2fs", what, response.status_code,
-                  time.monotonic() - started)
-        return response
+            reason = _transport_reason(exc, what)
+            if status == 200:
+                raise errors.UnusableAnswer(f"{what} answered HTTP 200 but {reason}") from None
+            raise errors.TransientOAuthError(reason) from None
+        except ValueError as exc:  # from _read_body: too big, bad encoding
+            if status == 200:
+                raise errors.UnusableAnswer(f"{what} answered HTTP 200 with {exc}") from None
+            raise errors.TransientOAuthError(f"{what} answered HTTP {status} with {exc}"
+                                             ) from None
+        finally:
+            _BUDGET.current = None
+        log.debug("%s answered HTTP %d in %.2fs", what, status, time.monotonic() - started)
+        return _Answer(status, headers, body)
 
     # ---- refresh
 
-    def refresh(self, refresh_token: str) -> TokenGrant:
+    def refresh(self, refresh_token: str, *, stop: threading.Event | None = None) -> TokenGrant:
         """Trades a refresh token for new tokens, or says precisely why not.
 
-        Raises RefreshTokenRejected only when retrying the same token cannot help, and
-        TransientOAuthError (with ``retry_after`` when the server gave one) otherwise.
+        Raises RefreshTokenRejected only when retrying the same token cannot help,
+        UnusableAnswer for a 200 that cannot be used, and TransientOAuthError (with
+        ``retry_after`` when the server gave one) otherwise. Once ``stop`` is set, no request
+        is started, and one already sent is given at most ``STOP_GRACE`` more seconds.
         """
         what = "token endpoint"
         response = self._post(self.token_url, {
             "grant_type": "refresh_token",
             "refresh_token": refresh_token,
             "client_id": self.client_id,
-        }, what)
+        }, what, stop)
         status = response.status_code
         if status == 200:
             return _grant_from(response, what)

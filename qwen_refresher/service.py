@@ -170,6 +170,9 @@ RestartPreventExitStatus=78
 EnvironmentFile=-%E/qwen-refresher/env
 # Stores and journal hold OAuth tokens: everything we create is private to the user.
 UMask=0077
+# A core dump would hold every token in the daemon's memory: none is ever written (the
+# daemon sets RLIMIT_CORE to 0 itself too; under this sandbox it may not call setrlimit).
+LimitCORE=0
 
 # Sandbox. `systemd-analyze security --offline=true` (systemd 252) scores this unit 1.9 with the
 # filesystem part below; Vault Agent's shipped unit scores 6.0 on the same check.
@@ -814,9 +817,12 @@ def add_parsers(subparsers: Any) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="print the unit and change nothing")
     p.add_argument("--sandbox", choices=["auto", "full", "basic"], default="auto",
-                   help="filesystem sandbox: auto probes which settings this user manager "
-                        "allows and whether hooks can run in units of their own (default), "
-                        "full uses all, basic none")
+                   help="auto (default): probe which sandbox settings this user manager "
+                        "allows and whether hooks can run in units of their own, and use "
+                        "those; full: every setting, no probe (systemd-analyze exposure 1.9); "
+                        "basic: only the settings that need no user namespace (seccomp "
+                        "filters, no new privileges; exposure 6.2), for managers that refuse "
+                        "one (226/NAMESPACE)")
     p.add_argument("--unit-dir", help="directory to write the unit to "
                                       "(default $XDG_CONFIG_HOME/systemd/user)")
     p.set_defaults(handler=install)

@@ -15,11 +15,22 @@ import fcntl
 import json
 import os
 import secrets
+import stat
 from pathlib import Path
 from typing import Literal, NotRequired, TypedDict
 
-from .errors import AlreadyRunning
-from .fileio import atomic_write, ensure_private_dir
+from .errors import AlreadyRunning, StoreError, UnsafeStateDir
+from .fileio import (
+    atomic_write,
+    check_private_dir,
+    ensure_private_dir,
+    file_type_name,
+    read_regular_file,
+)
+
+#: Size caps for our own files: far above anything the daemon writes, far below harm.
+MAX_STATE_BYTES = 64 * 1024 * 1024
+MAX_JOURNAL_BYTES = 16 * 1024 * 1024
 
 SCHEMA_VERSION = 1
 STATE_FILE = "state.json"
@@ -43,6 +54,20 @@ class DaemonInfo(TypedDict):
     margin: NotRequired[float]
 
 
+class HookStatus(TypedDict):
+    """The last run of ``on_rotate`` for a profile's newest rotation (no token: the output
+    line is redacted). ``failing_since`` is set while the gateway has not been told."""
+
+    ok: bool
+    at: float
+    returncode: int | None
+    timed_out: bool
+    output: str
+    failing_since: float | None
+    failures: int
+    next_retry_at: float | None
+
+
 class ProfileStatus(TypedDict):
     store: str
     store_kind: str
@@ -56,6 +81,8 @@ class ProfileStatus(TypedDict):
     attempts: int
     last_error: str | None
     login_command: str | None
+    #: Absent when no hook ran (and in states published by older versions).
+    hook: NotRequired[HookStatus]
 
 
 class StoreStatus(TypedDict):
@@ -93,9 +120,9 @@ def state_file(state_dir: Path) -> Path:
 def read_state(state_dir: Path) -> PublishedState | None:
     """The daemon's last published state, or None if absent or unreadable."""
     try:
-        data = (state_dir / STATE_FILE).read_bytes()
+        data = read_regular_file(state_dir / STATE_FILE, MAX_STATE_BYTES).data
         doc = json.loads(data)
-    except (OSError, ValueError):
+    except (StoreError, ValueError, RecursionError):
         return None
     if not isinstance(doc, dict) or doc.get("schema_version") != SCHEMA_VERSION:
         return None
@@ -103,24 +130,30 @@ def read_state(state_dir: Path) -> PublishedState | None:
 
 
 def write_state(state_dir: Path, state: PublishedState) -> None:
+    """Publish ``state``, every string in it scrubbed of known secrets in any encoding
+    (``logsetup.dumps_redacted``): a server's error text echoed into ``last_error`` can carry
+    our refresh token URL-encoded or base64, and ``status`` prints what this file says."""
+    from .logsetup import dumps_redacted  # imported here: readers of this module stay light
+
     ensure_private_dir(state_dir)
-    data = json.dumps(state, sort_keys=True, separators=(",", ":")).encode()
+    data = dumps_redacted(state, sort_keys=True, separators=(",", ":")).encode()
     atomic_write(state_dir / STATE_FILE, data, mode=0o600)
 
 
 def load_salt(state_dir: Path) -> bytes:
     """The per-installation salt for fingerprints, created on first use."""
     path = state_dir / SALT_FILE
-    with contextlib.suppress(OSError):
-        salt = path.read_bytes()
+    with contextlib.suppress(StoreError):
+        salt = read_regular_file(path, 4096).data
         if len(salt) >= 16:
             return salt
-    ensure_private_dir(state_dir)
+    ensure_state_dir(state_dir)
     salt = secrets.token_bytes(32)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
     except FileExistsError:
-        return path.read_bytes()
+        return read_regular_file(path, 4096).data
     try:
         os.write(fd, salt)
         os.fsync(fd)
@@ -131,8 +164,8 @@ def load_salt(state_dir: Path) -> bytes:
 
 def read_journal(state_dir: Path) -> list[JournalEntry]:
     try:
-        doc = json.loads((state_dir / JOURNAL_FILE).read_bytes())
-    except (OSError, ValueError):
+        doc = json.loads(read_regular_file(state_dir / JOURNAL_FILE, MAX_JOURNAL_BYTES).data)
+    except (StoreError, ValueError, RecursionError):
         return []
     entries = doc.get("entries") if isinstance(doc, dict) else None
     if not isinstance(entries, list):
@@ -151,6 +184,39 @@ def write_journal(state_dir: Path, entries: list[JournalEntry]) -> None:
     atomic_write(path, json.dumps({"entries": entries}).encode(), mode=0o600)
 
 
+#: Every file the daemon keeps in its state dir; each must be a plain file when present.
+STATE_DIR_FILES = (STATE_FILE, JOURNAL_FILE, SALT_FILE, LINEAGE_FILE, DAEMON_LOCK)
+
+
+def check_state_dir(state_dir: Path) -> None:
+    """Refuse a state dir that is not ours alone, or that holds a non-file where ours belong.
+
+    ``UnsafeStateDir`` (exit 78, one line naming the dir or the file): owned by someone else
+    or wider than 0700 (``fileio.check_private_dir``), or a symlink, FIFO, socket, device or
+    directory at ``state.json``, ``journal.json``, ``salt``, ``lineage.log`` or
+    ``daemon.lock``: someone tampered with it, and following a planted symlink would make us
+    truncate or append to the victim's file, a FIFO would hang us.
+    """
+    check_private_dir(state_dir)
+    for name in STATE_DIR_FILES:
+        path = state_dir / name
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise UnsafeStateDir(path, f"cannot be checked: {exc.strerror}") from None
+        if not stat.S_ISREG(mode):
+            raise UnsafeStateDir(path, f"is a {file_type_name(mode)}, not a regular file; "
+                                       "remove it (nothing of ours is lost)")
+
+
+def ensure_state_dir(state_dir: Path) -> None:
+    """Create the state dir 0700 if missing, then ``check_state_dir`` it."""
+    ensure_private_dir(state_dir)
+    check_state_dir(state_dir)
+
+
 class DaemonLock:
     """An flock on ``daemon.lock``: held while a daemon runs, released by the kernel on death.
 
@@ -162,8 +228,14 @@ class DaemonLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        ensure_private_dir(self.path.parent)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+        ensure_state_dir(self.path.parent)
+        # O_NOFOLLOW|O_NONBLOCK: a planted symlink is never truncated through, a FIFO never
+        # waited on (check_state_dir refused both already; this closes the race).
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+                     | os.O_CLOEXEC, 0o600)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise UnsafeStateDir(self.path, "is not a regular file")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -186,10 +258,12 @@ def daemon_pid(state_dir: Path) -> int | None:
     """The running daemon's pid, or None when no daemon holds the lock."""
     path = state_dir / DAEMON_LOCK
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None  # a FIFO or device planted there: no daemon of ours holds that
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:

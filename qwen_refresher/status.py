@@ -13,8 +13,13 @@ about 15 ms, 1.3x a bare interpreter start). ``tests/test_status.py`` checks tha
 agree. The store adapters are imported only when a store must be read: no daemon runs, it has
 not published yet, or a store file changed after the last publish (someone else rotated).
 
-Exit codes, most severe first: 2 a profile needs a new login or its token is expired; 3 the
-daemon is not running; 1 any other degradation (retrying, unusable store, no profile); 0 good.
+Exit codes, most severe first: 2 a profile needs a new login or its token is past its expiry
+(whatever the daemon is doing about it); 3 the daemon is not running; 1 any other degradation
+(retrying, unusable store, no profile, an unusable file in the state dir); 0 good.
+
+Files in the state dir are opened non-blocking, without following symlinks, type-checked and
+read with a size cap (``read_state_file``): a FIFO, a directory or ``/dev/zero`` there is named
+in the output, never waited on.
 
 No token can reach the output: rows hold only ``ProfileStatus`` fields, expiry times and store
 problems, none of which ever contain a token value.
@@ -23,9 +28,11 @@ problems, none of which ever contain a token value.
 from __future__ import annotations
 
 import argparse
+import errno
 import fcntl
 import json
 import os
+import stat
 import sys
 import time
 from pathlib import Path
@@ -33,6 +40,7 @@ from pathlib import Path
 from . import __version__, paths
 from .durations import format_duration, parse_duration
 from .errors import EX_CONFIG, EX_FAILURE, EX_NEEDS_LOGIN, EX_NOT_RUNNING, EX_OK, StoreError
+from .escape import printable, shell_join
 
 # ``typing`` costs ~3 ms per run; mypy treats this constant as True, the interpreter as False.
 TYPE_CHECKING = False
@@ -40,7 +48,14 @@ if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping, Sequence
     from typing import Any, TextIO
 
-    from .state import DaemonInfo, ProfileState, ProfileStatus, PublishedState, StoreStatus
+    from .state import (
+        DaemonInfo,
+        HookStatus,
+        ProfileState,
+        ProfileStatus,
+        PublishedState,
+        StoreStatus,
+    )
     from .stores import Store, StoreSnapshot
 
 ENV_PREFIX = "QWEN_REFRESHER_"
@@ -185,28 +200,106 @@ def resolve_settings(args: argparse.Namespace, env: Mapping[str, str]) -> Status
 
 
 def managed_stores(settings: StatusSettings, env: Mapping[str, str]) -> list[Path]:
-    """The store files a daemon with these settings would manage, without duplicates."""
+    """The store files a daemon with these settings would manage, without duplicates.
+
+    Duplicates by the daemon's rule (``paths.unique_files``): one file under two names is
+    one row, under the first spelling, as the daemon manages it.
+    """
     candidates: list[Path] = list(settings.stores)
     if settings.discover:
         candidates += paths.discover_openclaw_stores(env)
     qwen_file = paths.qwen_code_creds(env)
     if settings.qwen_code and os.path.lexists(qwen_file):
         candidates.append(qwen_file)
-    return list(dict.fromkeys(c.absolute() for c in candidates))
+    return paths.unique_files(candidates)
 
 
 # -- what the daemon published ----------------------------------------------------------------
 
 
-def daemon_pid(state_dir: Path) -> int | None:
+class StateFileProblem(Exception):
+    """A file in our state dir is not what the daemon writes there (a FIFO, a directory, a
+    symlink, a huge or garbled file). status names it and carries on without it: a health
+    check must answer, not hang on an ``open`` or read a gigabyte."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        self.path = path
+        self.problem = problem
+        super().__init__(f"{path}: {problem}")
+
+    def as_dict(self) -> dict[str, str]:
+        return {"path": str(self.path), "problem": self.problem}
+
+
+#: A published state is a few hundred bytes per profile; anything this big is not ours.
+MAX_STATE_BYTES = 8 * 1024 * 1024
+_FILE_TYPES = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+               (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"))
+
+
+def open_state_file(path: Path) -> tuple[int, os.stat_result]:
+    """A descriptor on a regular file of our state dir, or ``StateFileProblem``.
+
+    ``O_NONBLOCK`` so that a FIFO cannot block the ``open``, ``O_NOFOLLOW`` because the daemon
+    never puts a symlink here (one to ``/dev/zero`` would read forever), and the type checked
+    on the open descriptor (``fstat``), so nothing can be swapped in between. A missing file
+    raises ``FileNotFoundError``: that is the normal "no daemon ever ran" case. (Stdlib only, on
+    purpose: ``fileio``'s readers pull ``dataclasses`` and cost every health check ~15 ms.)
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise StateFileProblem(path, "is a symlink, which the daemon never creates here; "
+                                         "not read") from None
+        raise StateFileProblem(path, f"cannot be opened: {exc.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        kind = next((name for test, name in _FILE_TYPES if test(st.st_mode)), "not a file")
+        raise StateFileProblem(path, f"is {kind}, not a regular file; not read")
+    return fd, st
+
+
+def read_state_file(path: Path, cap: int = MAX_STATE_BYTES) -> tuple[bytes, float]:
+    """The whole of a regular state-dir file and its mtime, at most ``cap`` bytes read."""
+    fd, st = open_state_file(path)
+    try:
+        if st.st_size > cap:
+            raise StateFileProblem(path, f"is {st.st_size} bytes, more than the {cap} bytes a "
+                                         "state file can be; not read")
+        chunks: list[bytes] = []
+        size = 0
+        while size <= cap:
+            chunk = os.read(fd, min(1 << 20, cap + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > cap:  # it grew while we read
+            raise StateFileProblem(path, f"is more than {cap} bytes; not read")
+        return b"".join(chunks), st.st_mtime
+    finally:
+        os.close(fd)
+
+
+def daemon_pid(state_dir: Path, problems: list[StateFileProblem] | None = None) -> int | None:
     """The running daemon's pid (-1 if unreadable), or None: ``state.daemon_pid``, restated.
 
     An flock cannot outlive its process, unlike a pid file, so this cannot be fooled by a
-    daemon killed with -9.
+    daemon killed with -9. A lock path that is not a regular file is added to ``problems``:
+    no daemon can be holding it.
     """
     try:
-        fd = os.open(state_dir / DAEMON_LOCK, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
+        fd, _ = open_state_file(state_dir / DAEMON_LOCK)
+    except FileNotFoundError:
+        return None
+    except StateFileProblem as exc:
+        if problems is not None:
+            problems.append(exc)
         return None
     try:
         try:
@@ -220,15 +313,31 @@ def daemon_pid(state_dir: Path) -> int | None:
         os.close(fd)
 
 
-def read_published(state_dir: Path) -> tuple[PublishedState | None, float]:
-    """The daemon's last published state and when it was written (its mtime), or (None, 0)."""
+def read_published(state_dir: Path, problems: list[StateFileProblem] | None = None,
+                   ) -> tuple[PublishedState | None, float]:
+    """The daemon's last published state and when it was written (its mtime), or (None, 0).
+
+    A state file we cannot use is added to ``problems`` (named, with what is wrong)."""
+    path = state_dir / STATE_FILE
     try:
-        with (state_dir / STATE_FILE).open("rb") as fh:
-            mtime = os.fstat(fh.fileno()).st_mtime
-            doc = json.loads(fh.read())
-    except (OSError, ValueError):
+        data, mtime = read_state_file(path)
+    except FileNotFoundError:
         return None, 0.0
-    if not isinstance(doc, dict) or doc.get("schema_version") != SCHEMA_VERSION:
+    except StateFileProblem as exc:
+        data, mtime = b"", 0.0
+        if problems is not None:
+            problems.append(exc)
+    if not data:
+        return None, 0.0
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError):
+        doc = None
+    if not isinstance(doc, dict):
+        if problems is not None:
+            problems.append(StateFileProblem(path, "is not valid JSON (a JSON object); not read"))
+        return None, 0.0
+    if doc.get("schema_version") != SCHEMA_VERSION:
         return None, 0.0
     return doc, mtime  # type: ignore[return-value]
 
@@ -253,7 +362,7 @@ def _coerce(raw: object) -> ProfileStatus | None:
         return None
     state = raw.get("state")
     attempts = raw.get("attempts")
-    return {
+    row: ProfileStatus = {
         "store": raw["store"], "store_kind": _text(raw.get("store_kind")) or "openclaw",
         "agent": _text(raw.get("agent")), "profile": raw["profile"],
         "family": _text(raw.get("family")),
@@ -265,6 +374,35 @@ def _coerce(raw: object) -> ProfileStatus | None:
         "last_error": _text(raw.get("last_error")),
         "login_command": _text(raw.get("login_command")),
     }
+    hook = _coerce_hook(raw.get("hook"))
+    if hook is not None:
+        row["hook"] = hook
+    return row
+
+
+def _coerce_hook(raw: object) -> HookStatus | None:
+    """The last ``on_rotate`` result of a profile, if the daemon published one."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("ok"), bool):
+        return None
+    code, failures = raw.get("returncode"), raw.get("failures")
+    return {"ok": raw["ok"], "at": _num(raw.get("at")) or 0.0,
+            "returncode": code if isinstance(code, int) and not isinstance(code, bool) else None,
+            "timed_out": raw.get("timed_out") is True, "output": _text(raw.get("output")) or "",
+            "failing_since": _num(raw.get("failing_since")),
+            "failures": failures if isinstance(failures, int) else 0,
+            "next_retry_at": _num(raw.get("next_retry_at"))}
+
+
+def reload_failure(p: ProfileStatus, now: float) -> str | None:
+    """"reload failed since 2m ago: <the hook's last output line>" while the gateway has
+    not been told of the newest tokens (``on_rotate`` failing, being retried), else None."""
+    hook = p.get("hook")
+    if hook is None or hook["ok"] or hook["failing_since"] is None:
+        return None
+    since = format_duration(max(0.0, now - hook["failing_since"]))
+    what = hook["output"] or ("timed out" if hook["timed_out"] else
+                              f"exit status {hook['returncode']}")
+    return f"reload failed since {since} ago ({hook['failures']} attempts): {what}"
 
 
 def published_profiles(published: PublishedState) -> list[ProfileStatus]:
@@ -303,11 +441,64 @@ def _store_for(path: Path, kind: str | None) -> Store:
     return OpenClawStore(path)
 
 
+#: Tokens of the stores this run read: what ``_redacted`` masks in the output.
+_SEEN_TOKENS: list[str] = []
+
+
 def _read(store: Store) -> StoreSnapshot | StoreError:
     try:
-        return store.read()
+        snapshot = store.read()
     except StoreError as exc:
         return exc
+    for record in snapshot.records.values():
+        if record.creds is not None:
+            _SEEN_TOKENS.extend((record.creds.access, record.creds.refresh))
+    return snapshot
+
+
+def _redacted(output: str) -> str:
+    """The output path: every token this run read, in any encoding, masked. The daemon scrubs
+    ``state.json`` before writing it; this covers what we read from stores ourselves. The
+    redactor (and pyahocorasick) is only imported when there is something to look for."""
+    if not _SEEN_TOKENS:
+        return output
+    from .logsetup import REDACTOR
+
+    REDACTOR.add(*_SEEN_TOKENS)
+    return REDACTOR.scrub(output)
+
+
+def _dumps(document: dict[str, Any]) -> str:
+    """``--json``'s text: the top level indented by two, each row of a list on one line.
+
+    ``json.dumps(indent=...)`` runs the pure-Python encoder (the C one serves only compact
+    output), and at 2,000 profiles it was half of ``status --json``'s time. Rows are encoded
+    compactly, by the C encoder, one per line: the same JSON, still readable and greppable
+    row by row.
+    """
+    parts = []
+    for key, value in document.items():
+        if isinstance(value, list) and value:
+            rows = ",\n    ".join(json.dumps(row) for row in value)
+            text = f"[\n    {rows}\n  ]"
+        else:
+            text = json.dumps(value, indent=2).replace("\n", "\n  ")
+        parts.append(f"  {json.dumps(key)}: {text}")
+    return "{\n" + ",\n".join(parts) + "\n}" if parts else "{}"
+
+
+def _redacted_json(document: dict[str, Any]) -> str:
+    """``--json``'s document, its strings scrubbed like ``_redacted`` does the text (string by
+    string: a mask put in the serialized text could cut through its syntax)."""
+    text = _dumps(document)
+    if not _SEEN_TOKENS:
+        return text
+    from .logsetup import REDACTOR, redact_document
+
+    REDACTOR.add(*_SEEN_TOKENS)
+    if REDACTOR.scrub(text) == text:  # the usual case: one scan of the whole text
+        return text
+    return _dumps(redact_document(document))
 
 
 def derive_state(expires_at: float, now: float, margin: float) -> ProfileState:
@@ -344,6 +535,8 @@ def _carry(row: ProfileStatus, previous: ProfileStatus | None) -> ProfileStatus:
     row["attempts"] = previous["attempts"]
     if row["last_error"] is None:
         row["last_error"] = previous["last_error"]
+    if "hook" in previous:
+        row["hook"] = previous["hook"]
     if (previous["state"] == "needs_login" and row["state"] != "invalid_store"
             and _same_time(previous["expires_at"], row["expires_at"])):
         row["state"] = "needs_login"
@@ -450,10 +643,12 @@ def refresh_expiries(profiles: list[ProfileStatus], now: float, margin: float,
 class Report:
     """Everything status prints, gathered once so that text and JSON cannot disagree."""
 
-    __slots__ = ("daemon", "now", "pid", "profiles", "running", "source", "state_dir", "stores")
+    __slots__ = ("daemon", "looked", "now", "pid", "problems", "profiles", "running", "source",
+                 "state_dir", "stores")
 
     def __init__(self, now: float, state_dir: Path, pid: int | None, daemon: DaemonInfo | None,
-                 profiles: list[ProfileStatus], stores: list[StoreStatus], source: str) -> None:
+                 profiles: list[ProfileStatus], stores: list[StoreStatus], source: str,
+                 problems: Sequence[StateFileProblem] = ()) -> None:
         self.now = now
         self.state_dir = state_dir
         self.pid = pid
@@ -462,10 +657,13 @@ class Report:
         self.profiles = profiles
         self.stores = stores
         self.source = source  # "daemon": rows as the daemon published them; "stores": ours
+        self.problems = list(problems)  # files of our state dir we could not use
+        self.looked: list[str] = []  # where we searched, said when nothing was found
 
     @property
     def exit_code(self) -> int:
-        return exit_code(self.profiles, self.running, self.stores)
+        code = exit_code(self.profiles, self.running, self.stores, now=self.now)
+        return EX_FAILURE if code == EX_OK and self.problems else code
 
 
 def _broken_store_rows(stores: Sequence[StoreStatus],
@@ -482,8 +680,9 @@ def _broken_store_rows(stores: Sequence[StoreStatus],
 
 def collect(settings: StatusSettings, env: Mapping[str, str], now: float) -> Report:
     """The daemon's published view while it runs, else our own reading of the stores."""
-    pid = daemon_pid(settings.state_dir)
-    published, published_at = read_published(settings.state_dir)
+    problems: list[StateFileProblem] = []
+    pid = daemon_pid(settings.state_dir, problems)
+    published, published_at = read_published(settings.state_dir, problems)
     if pid is not None and published is not None and _published_by(published, pid):
         profiles = published_profiles(published)
         # The running daemon's margin decides what is "due", not the one these flags say.
@@ -495,36 +694,86 @@ def collect(settings: StatusSettings, env: Mapping[str, str], now: float) -> Rep
         daemon = published["daemon"]
         shown_pid = daemon.get("pid") if pid <= 0 else pid
         return Report(now, settings.state_dir, shown_pid if isinstance(shown_pid, int) else -1,
-                      daemon, profiles, stores, "daemon")
+                      daemon, profiles, stores, "daemon", problems)
     profiles, statuses = collect_from_stores(managed_stores(settings, env), now, settings.margin,
                                              published)
     last = published["daemon"] if published is not None and pid is not None else None
-    return Report(now, settings.state_dir, pid, last, profiles, statuses, "stores")
+    report = Report(now, settings.state_dir, pid, last, profiles, statuses, "stores", problems)
+    if not profiles:
+        report.looked = where_we_looked(settings, env)
+    return report
+
+
+def _on_path(name: str, env: Mapping[str, str]) -> str | None:
+    """``shutil.which`` without importing shutil (status stays light)."""
+    for directory in env.get("PATH", os.defpath).split(os.pathsep):
+        candidate = os.path.join(directory or ".", name)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def where_we_looked(settings: StatusSettings, env: Mapping[str, str]) -> list[str]:
+    """What a newcomer needs when nothing was found: where we searched and what to run next
+    (as ``gh auth status`` says "To log in, run: gh auth login")."""
+    lines = []
+    if settings.discover:
+        state = paths.openclaw_state_dir(env)
+        there = "" if os.path.isdir(state) else " (does not exist)"
+        lines.append(f"looked in OpenClaw's state dir {paths.shorten_home(state)}{there}: "
+                     "agents/*/agent/auth-profiles.json (OPENCLAW_STATE_DIR moves it)")
+    else:
+        lines.append("discovery is off (discover = false): only the stores named by --store")
+    for store in settings.stores:
+        lines.append(f"looked at {paths.shorten_home(store)}")
+    if settings.qwen_code:
+        lines.append(f"looked at Qwen Code's {paths.shorten_home(paths.qwen_code_creds(env))}")
+    openclaw = _on_path("openclaw", env)
+    lines.append(f"openclaw on PATH: {openclaw}" if openclaw else
+                 "openclaw is not on PATH: the gateway cannot be told after a rotation "
+                 "(on_rotate = auto does nothing)")
+    lines.append("to log in, run: qwen-refresher login")
+    if not os.path.isdir(settings.state_dir):
+        lines.append(f"the daemon has never run here (no {paths.shorten_home(settings.state_dir)}"
+                     "); start it with: qwen-refresher run, or qwen-refresher install-service "
+                     "--now")
+    return lines
 
 
 # -- verdicts ---------------------------------------------------------------------------------
 
 
+def past_expiry(p: ProfileStatus, now: float | None) -> bool:
+    """The token has run out, whatever the daemon says it is doing about it (refreshing,
+    retrying): the agents cannot use it now."""
+    return now is not None and p["expires_at"] is not None and p["expires_at"] <= now
+
+
 def exit_code(profiles: Sequence[ProfileStatus], running: bool,
-              stores: Sequence[StoreStatus] = ()) -> int:
-    """Most severe wins: 2 needs login or expired, 3 no daemon, 1 degraded, 0 all good."""
+              stores: Sequence[StoreStatus] = (), *, now: float | None = None) -> int:
+    """Most severe wins: 2 needs login or expired, 3 no daemon, 1 degraded, 0 all good.
+
+    With ``now``, a token past its expiry is 2 in any state: a health check must not read
+    "refreshing" (0) or "retrying" (1) while the agents hold an expired token."""
     states = {p["state"] for p in profiles}
-    if states & NEEDS_LOGIN_STATES:
+    if states & NEEDS_LOGIN_STATES or any(past_expiry(p, now) for p in profiles):
         return EX_NEEDS_LOGIN
     if not running:
         return EX_NOT_RUNNING
-    if not profiles or states & DEGRADED_STATES or any(s.get("error") for s in stores):
+    if not profiles or states & DEGRADED_STATES or any(s.get("error") for s in stores) or \
+            any(reload_failure(p, 0.0) for p in profiles):
         return EX_FAILURE
     return EX_OK
 
 
 def _label(p: ProfileStatus, ambiguous: set[str]) -> str:
-    """The profile id, with its agent (or store) when another store has the same id."""
+    """The profile id, with its agent (or store) when another store has the same id; escaped,
+    because the summary also goes to systemd's ``STATUS=`` and the terminal."""
     if not p["profile"]:
-        return paths.shorten_home(p["store"])
+        return printable(paths.shorten_home(p["store"]))
     if p["profile"] in ambiguous:
-        return f"{p['profile']} ({p['agent'] or paths.shorten_home(p['store'])})"
-    return p["profile"]
+        return printable(f"{p['profile']} ({p['agent'] or paths.shorten_home(p['store'])})")
+    return printable(p["profile"])
 
 
 def _names(chosen: Sequence[ProfileStatus], everyone: Sequence[ProfileStatus]) -> tuple[str, int]:
@@ -562,7 +811,8 @@ def summary_line(profiles: list[ProfileStatus], now: float) -> str:
         return NO_PROFILE
     parts: list[str] = []
     login = [p for p in profiles if p["state"] == "needs_login"]
-    expired = [p for p in profiles if p["state"] == "expired"]
+    expired = [p for p in profiles if p["state"] == "expired" or
+               (p["state"] != "needs_login" and past_expiry(p, now))]
     if login:
         names, count = _names(login, profiles)
         parts.append(f"{names} need{'s' if count == 1 else ''} login")
@@ -616,6 +866,7 @@ def _json_profile(p: ProfileStatus, now: float) -> dict[str, Any]:
         "attempts": p["attempts"],
         "last_error": p["last_error"],
         "login_command": p["login_command"] if p["state"] in NEEDS_LOGIN_STATES else None,
+        "hook": p.get("hook"),
     }
 
 
@@ -639,12 +890,13 @@ def to_json(report: Report) -> dict[str, Any]:
     Times are ISO 8601 UTC strings ending in ``Z`` (or null), durations are seconds (negative
     once past). Top level: ``generated_at``, ``exit_code``, ``summary``, ``source`` ("daemon"
     or "stores"), ``daemon`` {running, pid, version, started_at, uptime_seconds, updated_at,
-    state_dir}, ``profiles`` [{store (absolute path), store_kind, agent, profile (null for a
-    whole unreadable file), family, state, expires_at, expires_in_seconds, next_refresh_at,
-    next_refresh_in_seconds, last_refresh_at, attempts, last_error, login_command (only when
-    a login helps)}], ``stores`` [{store, kind, error}], ``families`` [{id, members: [{store,
-    profile}]}] (only families with more than one member). Fields may be added, never renamed
-    or removed, without a new ``schema_version``.
+    state_dir}, ``problems`` [{path, problem}] (files of the state dir that could not be
+    used: not a regular file, too big, not JSON), ``profiles`` [{store (absolute path),
+    store_kind, agent, profile (null for a whole unreadable file), family, state, expires_at,
+    expires_in_seconds, next_refresh_at, next_refresh_in_seconds, last_refresh_at, attempts,
+    last_error, login_command (only when a login helps)}], ``stores`` [{store, kind, error}],
+    ``families`` [{id, members: [{store, profile}]}] (only families with more than one
+    member). Fields may be added, never renamed or removed, without a new ``schema_version``.
     """
     return {
         "schema_version": SCHEMA_VERSION,
@@ -662,6 +914,8 @@ def to_json(report: Report) -> dict[str, Any]:
                                     for p in members]}
             for fam, members in families(report.profiles).items()
         ],
+        "problems": [p.as_dict() for p in report.problems],
+        "looked": report.looked,
     }
 
 
@@ -698,9 +952,11 @@ def _ago(ts: float | None, now: float) -> str:
 
 
 def _cells(p: ProfileStatus, now: float) -> list[str]:
-    return [paths.shorten_home(p["store"]), p["agent"] or "-", p["profile"] or "(whole file)",
-            p["state"], _until(p["expires_at"], now), _next(p["next_refresh_at"], now),
-            _ago(p["last_refresh_at"], now), _one_line(p["last_error"])]
+    """One table row; names and errors escaped (``printable``) before widths are measured."""
+    return [printable(paths.shorten_home(p["store"])), printable(p["agent"] or "-"),
+            printable(p["profile"] or "(whole file)"), p["state"], _until(p["expires_at"], now),
+            _next(p["next_refresh_at"], now), _ago(p["last_refresh_at"], now),
+            _one_line(printable(reload_failure(p, now) or p["last_error"] or ""))]
 
 
 def _table(rows: list[list[str]], states: list[str], colour: bool) -> list[str]:
@@ -732,22 +988,38 @@ def _daemon_line(report: Report) -> str:
 
 
 def to_text(report: Report, colour: bool) -> str:
-    """Aligned rows for people, then families, login hints, a summary and the daemon."""
+    """Aligned rows for people, then families, login hints, a summary and the daemon.
+
+    Names come from files we do not control: every line but the table (whose cells are
+    escaped one by one, before the colour codes go in) passes through ``printable``, so no
+    escape sequence, CR or undecodable byte in an id or a path reaches the terminal raw.
+    """
     now = report.now
-    lines: list[str] = []
+    table: list[str] = []
     if report.profiles:
         rows = [list(_HEADERS)] + [_cells(p, now) for p in report.profiles]
-        lines += _table(rows, [p["state"] for p in report.profiles], colour)
+        table = _table(rows, [p["state"] for p in report.profiles], colour)
+    lines: list[str] = []
     for fam, members in families(report.profiles).items():
         names = ", ".join(f"{p['profile']} ({paths.shorten_home(p['store'])})" for p in members)
         lines.append(f"family {fam[:8]}: {names} share one refresh token")
     for p in report.profiles:
-        if p["state"] == "needs_login" and p["login_command"]:
+        if p["state"] == "needs_login":
+            login = shell_join(["qwen-refresher", "login", "--store", p["store"],
+                                "--profile", p["profile"]])
+            also = f" (or `{p['login_command']}`)" if p["login_command"] else ""
             lines.append(f"{p['profile']} in {paths.shorten_home(p['store'])} needs a new login: "
-                         f"run `{p['login_command']}`")
+                         f"run `{login}`{also}")
+    for p in report.profiles:
+        if (failure := reload_failure(p, now)) is not None:
+            lines.append(f"{p['profile']} in {paths.shorten_home(p['store'])}: on_rotate "
+                         f"{failure}; the gateway keeps the old tokens until it succeeds")
+    for problem in report.problems:
+        lines.append(f"problem: {paths.shorten_home(problem.path)} {problem.problem}")
+    lines += report.looked
     lines.append(f"summary: {summary_line(report.profiles, now)}")
     lines.append(_daemon_line(report))
-    return "\n".join(lines) + "\n"
+    return "\n".join(table + [printable(line) for line in lines]) + "\n"
 
 
 # -- command line ----------------------------------------------------------------------------
@@ -788,15 +1060,15 @@ def run(args: argparse.Namespace) -> int:
         settings = resolve_settings(args, env)
     except SettingsError as exc:
         if not quiet:
-            print(f"qwen-refresher status: {exc}", file=sys.stderr)
+            print(printable(f"qwen-refresher status: {exc}"), file=sys.stderr)
         return EX_CONFIG
     report = collect(settings, env, time.time())
     if quiet:
         return report.exit_code
     if getattr(args, "json", False):
-        sys.stdout.write(json.dumps(to_json(report), indent=2) + "\n")
+        sys.stdout.write(_redacted_json(to_json(report)) + "\n")
     else:
-        sys.stdout.write(to_text(report, _want_colour(args, sys.stdout, env)))
+        sys.stdout.write(_redacted(to_text(report, _want_colour(args, sys.stdout, env))))
     sys.stdout.flush()
     return report.exit_code
 

@@ -15,12 +15,37 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileAttribEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
 NETWORK_FS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "fuse.sshfs", "9p", "afs",
                         "ceph", "glusterfs", "fuse.glusterfs", "lustre", "davfs"})
+
+#: The only events that can mean "a store may have changed": a write (modified, or closed after
+#: writing), a rename, a creation, a deletion. Passed to watchdog as ``event_filter``, which
+#: turns it into the inotify mask, so the kernel never even queues IN_OPEN, IN_ACCESS or
+#: IN_CLOSE_NOWRITE: a program *reading* a store (``cat``, OpenClaw on every request) wakes no
+#: thread of ours. A directory's "modified" is left out too (every write in it raises one; the
+#: file's own event covers that write). A file's attribute change (IN_ATTRIB, already in the
+#: mask for FileModifiedEvent) is kept, so a chmod that makes an unreadable store readable is
+#: seen at once, not at the next sweep.
+EVENT_FILTER: list[type[FileSystemEvent]] = [
+    FileModifiedEvent, FileAttribEvent, FileClosedEvent, FileMovedEvent, DirMovedEvent,
+    FileCreatedEvent, DirCreatedEvent, FileDeletedEvent, DirDeletedEvent,
+]
 
 
 def filesystem_type(path: Path) -> str | None:
@@ -54,8 +79,8 @@ class _Handler(FileSystemEventHandler):
         self._names = names
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.event_type in ("opened", "closed", "closed_no_write"):
-            return
+        if event.event_type in ("opened", "closed_no_write"):
+            return  # never asked for (``EVENT_FILTER``); a polling observer ignores filters
         if event.is_directory and event.event_type == "modified":
             # Every write in a directory "modifies" it; only a directory created, moved or
             # deleted can add or remove a store, and the file's own event covers the rest.
@@ -112,7 +137,8 @@ class DirectoryWatcher:
             observer = self._observer(directory)
             handler = _Handler(self._callback, self._names)
             try:
-                watch = observer.schedule(handler, str(directory), recursive=recursive)
+                watch = observer.schedule(handler, str(directory), recursive=recursive,
+                                          event_filter=EVENT_FILTER)
             except OSError:
                 # inotify watch limit reached, or similar: poll this one instead.
                 if observer is self._polling:
@@ -120,7 +146,8 @@ class DirectoryWatcher:
                 self._force_polling = True
                 observer = self._observer(directory)
                 try:
-                    watch = observer.schedule(handler, str(directory), recursive=recursive)
+                    watch = observer.schedule(handler, str(directory), recursive=recursive,
+                                              event_filter=EVENT_FILTER)
                 except OSError:
                     continue
             self._watches[directory] = (observer, watch, recursive)

@@ -67,8 +67,15 @@ def test_bad_settings_name_the_setting(tmp_path: Path, overrides: dict[str, str]
 
 
 def test_loopback_http_is_allowed(tmp_path: Path) -> None:
-    for url in ("http://127.0.0.1:8080/t", "http://localhost/t", "http://[::1]:9/t"):
+    for url in ("http://127.0.0.1:8080/t", "http://127.0.0.2/t", "http://[::1]:9/t"):
         assert load_settings({"token_url": url}, env=env(tmp_path)).token_url == url
+
+
+def test_clear_text_to_a_name_is_refused_even_localhost(tmp_path: Path) -> None:
+    # A name is only as loopback as the resolver says; the literal address is required.
+    for url in ("http://localhost/t", "http://evil.localhost/t", "http://127.0.0.1.nip.io/t"):
+        with pytest.raises(ConfigError, match="clear text"):
+            load_settings({"token_url": url}, env=env(tmp_path))
 
 
 @pytest.mark.parametrize(("text", "needle"), [

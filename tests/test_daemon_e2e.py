@@ -140,7 +140,8 @@ def test_transient_503s_are_retried_with_backoff(oc: OpenClawHome, fake: FakeQwe
 
 
 def test_retry_after_is_honoured(oc: OpenClawHome, fake: FakeQwen) -> None:
-    path, _ = seed(oc, fake, lifetime=5)
+    # Refreshed 4 s before expiry: Retry-After 3 is honoured (it never passes the expiry).
+    path, _ = seed(oc, fake, lifetime=8)
     fake.inject("429", retry_after=3)
     with DaemonProcess(oc, fake, margin="4") as daemon:
         wait_for(lambda: len(fake.refresh_requests()) == 2, 15, "the retry", daemon)
@@ -154,7 +155,11 @@ def test_rejected_token_needs_login_then_a_new_login_recovers(
     fake.reject_token(current_refresh(path))
     with DaemonProcess(oc, fake, margin="3") as daemon:
         event = daemon.wait_event("needs_login")
-        assert "openclaw models auth login --provider qwen-portal" in event["message"]
+        # qwen-refresher's own login leads (it writes the whole family); OpenClaw's follows.
+        assert event["message"].split("log in again with: ")[1].startswith(
+            "qwen-refresher login --store ")
+        assert event["run"].endswith("--profile qwen-portal:default")
+        assert "openclaw models auth login --provider qwen-portal" in event["alternatives"]
         assert str(path.name) in json.dumps(event)
         time.sleep(3)
         assert len(fake.refresh_requests()) == 1, "a rejected token is never sent again"

@@ -84,7 +84,8 @@ def test_dockerignore_keeps_local_state_out_of_the_build() -> None:
              if line.strip() and not line.startswith("#")]
     assert lines[0] == "*", "allow-list: everything is excluded unless named"
     allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
-    assert allowed == {"pyproject.toml", "README.md", "qwen_refresher"}
+    assert allowed == {"pyproject.toml", "README.md", "LICENSE", "deploy/requirements.lock",
+                       "qwen_refresher"}
 
 
 def test_dockerfile_healthcheck_command(oc: OpenClawHome, fake: FakeQwen) -> None:
@@ -516,3 +517,54 @@ def test_reloader_reloads_a_real_openclaw_gateway(compose: dict[str, Any], tmp_p
             gateway.kill()
             gateway.wait(10)
         log.close()
+
+
+def test_the_wheel_ships_the_license(tmp_path: Path) -> None:
+    """pyproject says MIT; the wheel must carry the text (hatchling's license-files)."""
+    import subprocess
+    import sys
+    import zipfile
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                    "-q", "-w", str(tmp_path), str(ROOT)], check=True, timeout=300)
+    wheel = next(tmp_path.glob("qwen_refresher-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    license_files = [n for n in names if n.endswith("/licenses/LICENSE")]
+    assert license_files, names
+    text = zipfile.ZipFile(wheel).read(license_files[0]).decode()
+    assert text == (ROOT / "LICENSE").read_text()
+
+
+def test_the_image_labels_carry_version_and_source() -> None:
+    from qwen_refresher import __version__
+
+    text = DOCKERFILE.read_text()
+    assert f"ARG VERSION={__version__}\n" in text, "bump the Dockerfile's VERSION with the package"
+    assert 'org.opencontainers.image.version="${VERSION}"' in text
+    assert 'org.opencontainers.image.source="${SOURCE}"' in text
+
+
+def test_the_image_installs_exactly_the_locked_dependencies() -> None:
+    """Every runtime dependency of pyproject.toml is pinned (==) with hashes in the lock the
+    Dockerfile installs with --require-hashes; the package itself goes in with --no-deps."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    lock = (ROOT / "deploy" / "requirements.lock").read_text()
+    pinned = {m.group(1).lower().replace("_", "-"): m.group(2)
+              for m in re.finditer(r"^([A-Za-z0-9_.-]+)==(\S+) \\$", lock, re.M)}
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    for dep in deps:
+        req = Requirement(dep)
+        name = req.name.lower().replace("_", "-")
+        assert name in pinned, f"{name} is not in deploy/requirements.lock: " \
+                               "run scripts/lock-image-deps.sh"
+        assert pinned[name] in req.specifier, (
+            f"{name}=={pinned[name]} no longer satisfies {dep}: run scripts/lock-image-deps.sh")
+    for block in re.split(r"\n(?=[A-Za-z])", lock):
+        if "==" in block.split("\n")[0]:
+            assert "--hash=sha256:" in block, block.split("\n")[0]
+    text = DOCKERFILE.read_text()
+    assert "--require-hashes" in text and "-r requirements.lock" in text
+    assert "--no-deps ." in text

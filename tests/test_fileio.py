@@ -154,3 +154,138 @@ def test_stale_temp_files_of_an_interrupted_write_are_removed(tmp_path: Path) ->
     os.utime(other, (1, 1))
     assert remove_stale_temp_files(tmp_path, ["auth-profiles.json"]) == [old]
     assert fresh.exists() and other.exists() and not old.exists()
+
+
+# -- the one safe reader: read_regular_file ------------------------------------------------------
+
+
+def test_read_regular_file_reads_a_plain_file(tmp_path: Path) -> None:
+    from qwen_refresher.fileio import read_regular_file
+
+    target = tmp_path / "f"
+    target.write_bytes(b"hello")
+    got = read_regular_file(target, 100)
+    assert got.data == b"hello" and got.real_path == target
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "socket", "device", "symlink"])
+def test_read_regular_file_refuses_what_is_not_a_plain_file(tmp_path: Path, kind: str) -> None:
+    import socket
+
+    from qwen_refresher.errors import FileRefused
+    from qwen_refresher.fileio import read_regular_file
+
+    target = tmp_path / "f"
+    sock = None
+    if kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "directory":
+        target.mkdir()
+    elif kind == "socket":
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(target))
+    elif kind == "device":
+        target = Path("/dev/null")
+    else:
+        (tmp_path / "real").write_text("x")
+        target.symlink_to(tmp_path / "real")
+    try:
+        with pytest.raises(FileRefused) as info:
+            read_regular_file(target, 100)
+    finally:
+        if sock is not None:
+            sock.close()
+    expected = {"fifo": "fifo", "directory": "directory", "socket": "socket",
+                "device": "character device", "symlink": "symlink"}[kind]
+    assert expected in str(info.value) and str(target) in str(info.value)
+    assert info.value.file_type == expected
+
+
+def test_read_regular_file_caps_the_size(tmp_path: Path) -> None:
+    from qwen_refresher.errors import FileRefused
+    from qwen_refresher.fileio import read_regular_file
+
+    target = tmp_path / "f"
+    target.write_bytes(b"x" * 1001)
+    with pytest.raises(FileRefused, match="1001 bytes"):
+        read_regular_file(target, 1000)
+
+
+def test_read_regular_file_missing_is_its_own_error(tmp_path: Path) -> None:
+    from qwen_refresher.errors import FileMissing
+    from qwen_refresher.fileio import read_regular_file
+
+    with pytest.raises(FileMissing):
+        read_regular_file(tmp_path / "nope", 10)
+
+
+# -- directories: check_parents, check_private_dir ------------------------------------------------
+
+
+def test_a_symlinked_directory_between_anchor_and_file_is_refused(tmp_path: Path) -> None:
+    from qwen_refresher.errors import FileRefused
+    from qwen_refresher.fileio import check_parents
+
+    anchor = tmp_path / "state"
+    (tmp_path / "elsewhere" / "agent").mkdir(parents=True)
+    (anchor / "agents" / "evil").mkdir(parents=True)
+    (anchor / "agents" / "evil" / "agent").symlink_to(tmp_path / "elsewhere" / "agent")
+    with pytest.raises(FileRefused, match="symlink"):
+        check_parents(anchor / "agents" / "evil" / "agent" / "auth-profiles.json", anchor)
+    # a symlink that stays inside its own directory is followed, as for store files
+    (anchor / "agents" / "ok" / "agent-v2").mkdir(parents=True)
+    (anchor / "agents" / "ok" / "agent").symlink_to("agent-v2")
+    check_parents(anchor / "agents" / "ok" / "agent" / "auth-profiles.json", anchor)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+def test_a_directory_owned_by_another_user_is_refused(tmp_path: Path) -> None:
+    from qwen_refresher.errors import FileRefused
+    from qwen_refresher.fileio import check_parents
+
+    agent = tmp_path / "agents" / "x" / "agent"
+    agent.mkdir(parents=True)
+    os.chown(agent.parent, 65534, 65534)
+    with pytest.raises(FileRefused, match="uid 65534"):
+        check_parents(agent / "auth-profiles.json", tmp_path)
+
+
+def test_the_state_dir_must_be_ours_and_0700(tmp_path: Path) -> None:
+    from qwen_refresher.errors import EX_CONFIG, UnsafeStateDir
+    from qwen_refresher.fileio import check_private_dir
+
+    d = tmp_path / "s"
+    d.mkdir(mode=0o700)
+    check_private_dir(d)
+    os.chmod(d, 0o750)  # ours, writable by nobody else: tightened, not refused
+    check_private_dir(d)
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    os.chmod(d, 0o770)  # others could have planted symlinks: refused, naming the fix
+    with pytest.raises(UnsafeStateDir, match=r"0770.*`chmod 700 ") as info:
+        check_private_dir(d)
+    assert info.value.exit_code == EX_CONFIG
+    os.chmod(d, 0o700)
+    (tmp_path / "link").symlink_to(d)
+    with pytest.raises(UnsafeStateDir, match="symlink"):
+        check_private_dir(tmp_path / "link")
+
+
+def test_atomic_write_refuses_to_change_an_owner_it_cannot_keep(tmp_path: Path) -> None:
+    target = tmp_path / "s.json"
+    target.write_bytes(b"old")
+    if os.geteuid() == 0:
+        pytest.skip("root can keep any owner")
+    with pytest.raises(StoreWriteError):
+        atomic_write(target, b"new", owner=(0, 0))
+    assert target.read_bytes() == b"old"
+
+
+def test_the_anchor_itself_may_be_a_symlink_to_anywhere(tmp_path: Path) -> None:
+    """Users move ~/.openclaw elsewhere and link it back: the tree is where they put it."""
+    from qwen_refresher.fileio import check_parents
+
+    (tmp_path / "data" / "agents" / "main" / "agent").mkdir(parents=True)
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / ".openclaw").symlink_to(tmp_path / "data")
+    anchor = tmp_path / "home" / ".openclaw"
+    check_parents(anchor / "agents" / "main" / "agent" / "auth-profiles.json", anchor)

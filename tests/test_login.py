@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from qwen_refresher import login
+from qwen_refresher import errors, login
 from qwen_refresher.config import Settings
 from qwen_refresher.errors import DeviceFlowError, StoreError, StoreMalformed
 from qwen_refresher.login import (
@@ -100,6 +100,7 @@ def env(oc: OpenClawHome, monkeypatch: pytest.MonkeyPatch) -> OpenClawHome:
             monkeypatch.delenv(name)
     for name, value in oc.env().items():
         monkeypatch.setenv(name, value)
+    oc.state.mkdir(mode=0o700, exist_ok=True)  # OpenClaw has run here (onboarding made it)
     return oc
 
 
@@ -166,14 +167,14 @@ def outcomes(fake: FakeQwen, endpoint: str = "token") -> list[str]:
 def test_write_login_replaces_tokens_and_leaves_everything_else_byte_identical(
         oc: OpenClawHome, fake: FakeQwen) -> None:
     path, doc, _ = seed(oc, fake)
-    os.chmod(path, 0o640)  # an existing file keeps its mode
+    os.chmod(path, 0o640)  # a file holding tokens is always written 0600 (as OpenClaw does)
     new = creds(fake)
     written = write_login([(OpenClawStore(path), "qwen-portal:default")], new, lock_timeout=5)
     assert written == [ProfileKey(path, "qwen-portal:default")]
     doc["profiles"]["qwen-portal:default"].update(
         access=new.access, refresh=new.refresh, expires=new.expires_ms)
     assert path.read_bytes() == openclaw_json(doc)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert not Path(str(path) + ".lock").exists()
 
 
@@ -399,6 +400,55 @@ def test_login_creates_the_main_agents_store_by_default(
     assert profile["expires"] >= time.time() * 1000 + 3500_000
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+
+
+def test_login_without_openclaw_creates_nothing_and_says_what_to_run(
+        env: OpenClawHome, quick: FakeQwen, capsys: pytest.CaptureFixture[str]) -> None:
+    """No OpenClaw state dir, no --store: a new store nobody reads would be a silent mistake."""
+    env.state.rmdir()
+    quick.configure(auto_approve_after=0)
+    with pytest.raises(errors.LoginTargetMissing) as caught:
+        login.run(args(token_url=quick.token_url, device_code_url=quick.device_code_url))
+    assert caught.value.exit_code == 64
+    assert not env.state.exists()
+    assert quick.requests == []  # no device code was asked for
+    assert "does not exist" in capsys.readouterr().err
+    assert "qwen-refresher login --store" in str(caught.value)
+    # Naming the store is the way through.
+    target = env.store_path("main")
+    assert login.run(args(token_url=quick.token_url, device_code_url=quick.device_code_url,
+                          store=str(target))) == 0
+    assert target.exists()
+
+
+def test_login_names_the_url_it_cannot_reach(env: OpenClawHome) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    url = f"http://127.0.0.1:{port}/api/v1/oauth2/device/code"
+    with pytest.raises(errors.TransientOAuthError) as caught:
+        login.run(args(token_url=f"http://127.0.0.1:{port}/t", device_code_url=url))
+    assert url in str(caught.value)
+
+
+def test_waiting_shows_a_countdown_on_a_terminal_and_plain_lines_elsewhere() -> None:
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    screen = Tty()
+    with login._Countdown(time.monotonic() + 125, screen) as countdown:
+        countdown.sleep(1.2)
+    text = screen.getvalue()
+    assert "waiting for approval, 2m0" in text and "left" in text and "\r" in text
+    plain = io.StringIO()
+    with login._Countdown(time.monotonic() + 125, plain) as countdown:
+        countdown.last_plain -= 61
+        countdown.sleep(0.1)
+    assert plain.getvalue().startswith("still waiting for approval, 2m0")
+    assert "\r" not in plain.getvalue()
 
 
 def test_login_also_writes_linked_stores(env: OpenClawHome, quick: FakeQwen) -> None:

@@ -57,5 +57,24 @@ def test_retry_after_is_a_floor() -> None:
     assert backoff_delay(12, cap=300, retry_after=5) == 300
 
 
-def test_absurd_retry_after_is_capped_at_an_hour() -> None:
-    assert backoff_delay(1, cap=300, retry_after=10**9) == 3600
+@pytest.mark.parametrize("retry_after", [86400.0, 10.0**9, 1e308])
+def test_retry_after_never_passes_retry_max(retry_after: float) -> None:
+    assert backoff_delay(1, cap=300, retry_after=retry_after) == 300
+
+
+@pytest.mark.parametrize(("retry_after", "expires_in", "expected"), [
+    (86400.0, 10.0, 10.0),     # the token expires first: retry while it still works
+    (86400.0, 1000.0, 300.0),  # retry_max is the nearer bound
+    (42.0, 100.0, 42.0),       # a reasonable Retry-After is honoured
+    (86400.0, 0.2, 1.0),       # never a tight loop just before expiry
+    (86400.0, -50.0, 300.0),   # already expired: time to expiry bounds nothing any more
+])
+def test_retry_after_never_pushes_past_the_expiry(
+        retry_after: float, expires_in: float, expected: float) -> None:
+    assert backoff_delay(1, cap=300, retry_after=retry_after,
+                         expires_in=expires_in) == expected
+
+
+def test_exponential_backoff_also_stops_at_the_expiry() -> None:
+    assert backoff_delay(12, cap=300, expires_in=20.0) == 20.0
+    assert backoff_delay(1, cap=300, expires_in=20.0) < 3

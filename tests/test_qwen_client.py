@@ -6,6 +6,7 @@ import base64
 import dataclasses
 import email.utils
 import hashlib
+import json
 import socket
 import threading
 import time
@@ -17,14 +18,25 @@ import pytest
 from qwen_refresher import __version__, errors
 from qwen_refresher.models import Credentials
 from qwen_refresher.qwen import (
+    MAX_BODY,
+    MAX_REQUEST_SECONDS,
     SCOPE,
+    STOP_GRACE,
     DeviceAuthorization,
     QwenOAuthClient,
     SlowDown,
     TokenGrant,
+    _proxy_for,
     parse_retry_after,
 )
+from qwen_refresher.stores.base import (
+    FALLBACK_EXPIRES_IN,
+    MAX_EXPIRES_IN,
+    MIN_EXPIRES_IN,
+    check_expires_ms,
+)
 from qwen_refresher.testing.fake_qwen import QWEN_CLIENT_ID, FakeQwen, FakeQwenConfig
+from tests.adversarial import hostile_server as hs
 
 REJECTION_REASON = (
     "server rejected the refresh token: invalid_request: Invalid refresh token or client_id")
@@ -116,12 +128,15 @@ def test_fractional_lifetime(fake: FakeQwen, client: QwenOAuthClient) -> None:
 
 
 @pytest.mark.parametrize("lifetime", [0, -5])
-def test_non_positive_expires_in_is_transient(fake: FakeQwen, client: QwenOAuthClient,
-                                              lifetime: float) -> None:
+def test_non_positive_expires_in_keeps_the_rotated_tokens(
+        fake: FakeQwen, client: QwenOAuthClient, lifetime: float) -> None:
+    # The server has rotated: the old token is spent, so the new ones must not be dropped.
     fake.configure(lifetime=lifetime)
     _, refresh, _ = fake.issue_tokens()
-    with pytest.raises(errors.TransientOAuthError, match="expires_in"):
-        client.refresh(refresh)
+    grant = client.refresh(refresh)
+    assert grant.access_token == fake.issued[-1].access_token
+    assert grant.refresh_token == fake.issued[-1].refresh_token
+    assert grant.expires_in == FALLBACK_EXPIRES_IN
 
 
 def test_rotated_token_then_works_and_old_one_is_rejected(
@@ -338,20 +353,69 @@ def test_broken_200_is_transient(fake: FakeQwen, client: QwenOAuthClient, kind: 
     assert client.refresh(refresh).access_token
 
 
-@pytest.mark.parametrize("body", [
-    {"token_type": "Bearer", "expires_in": 60},
-    {"access_token": "", "expires_in": 60},
-    {"access_token": "A", "expires_in": "soon"},
-    {"access_token": "A", "expires_in": float("inf")},
-    {"access_token": "A", "expires_in": True},
-    ["access_token"],
+@pytest.mark.parametrize(("body", "problem"), [
+    ({"token_type": "Bearer", "expires_in": 60}, "access_token is missing"),
+    ({"access_token": "", "expires_in": 60}, "access_token is empty"),
+    ({"access_token": 5, "expires_in": 60}, "access_token is a int"),
+    ({"access_token": "A" * 20_000, "expires_in": 60}, "longer than any real token"),
+    ({"access_token": "A b", "expires_in": 60}, "whitespace or control"),
+    ({"access_token": "A\x1b[2J", "expires_in": 60}, "whitespace or control"),
+    ({"access_token": "A\ud800", "expires_in": 60}, "lone surrogate"),
+    ({"access_token": "A1", "refresh_token": "R\n1", "expires_in": 60},
+     "refresh_token contains whitespace"),
+    ({"access_token": "A1", "refresh_token": ["R"], "expires_in": 60},
+     "refresh_token is a list"),
+    (["access_token"], "not an object"),
 ])
-def test_invalid_200_bodies_are_transient(fake: FakeQwen, client: QwenOAuthClient,
-                                          body: object) -> None:
+def test_tokens_failing_the_store_rules_are_an_unusable_answer(
+        fake: FakeQwen, client: QwenOAuthClient, body: object, problem: str) -> None:
+    # The same rules a store value passes (check_token): our own store must never hold a
+    # token it would then refuse to read.
     _, refresh, _ = fake.issue_tokens()
     fake.inject("200", body=body)
-    with pytest.raises(errors.TransientOAuthError, match="HTTP 200"):
+    with pytest.raises(errors.UnusableAnswer, match="HTTP 200") as caught:
         client.refresh(refresh)
+    assert problem in caught.value.reason
+    assert "A" * 50 not in str(caught.value) and "R\n1" not in str(caught.value)
+    assert isinstance(caught.value, errors.TransientOAuthError)  # nothing is dropped for it
+
+
+@pytest.mark.parametrize(("expires_in", "expected"), [
+    ("soon", FALLBACK_EXPIRES_IN),
+    (float("inf"), FALLBACK_EXPIRES_IN),
+    (float("nan"), FALLBACK_EXPIRES_IN),
+    (True, FALLBACK_EXPIRES_IN),
+    (None, FALLBACK_EXPIRES_IN),
+    (1e308, FALLBACK_EXPIRES_IN),
+    (1e15, FALLBACK_EXPIRES_IN),
+    (10**400, FALLBACK_EXPIRES_IN),  # beyond float and beyond Python's int-parse limit
+    (-3600, FALLBACK_EXPIRES_IN),
+    (0.2, MIN_EXPIRES_IN),
+    (7200, 7200),
+])
+def test_absurd_expires_in_next_to_valid_tokens_is_clamped_not_fatal(
+        fake: FakeQwen, client: QwenOAuthClient, expires_in: object, expected: float,
+        caplog: pytest.LogCaptureFixture) -> None:
+    body: dict[str, object] = {"access_token": "acc-1", "refresh_token": "ref-1"}
+    if expires_in is not None:
+        body["expires_in"] = expires_in
+    fake.inject("200", body=body)
+    grant = client.refresh("fakeref-x")
+    assert (grant.access_token, grant.refresh_token) == ("acc-1", "ref-1")
+    assert grant.expires_in == expected
+    now_ms = int(time.time() * 1000)
+    creds = grant.to_credentials(now_ms, "old")  # must not overflow
+    assert now_ms < creds.expires_ms <= now_ms + MAX_EXPIRES_IN * 1000
+    assert check_expires_ms(creds.expires_ms, "expires") == (creds.expires_ms, None)
+    assert ("expires_in" in caplog.text) == (expected != 7200)
+
+
+def test_odd_resource_url_and_token_type_are_left_out(
+        fake: FakeQwen, client: QwenOAuthClient) -> None:
+    fake.inject("200", body={"access_token": "acc-1", "expires_in": 60,
+                             "resource_url": "x" * 5000, "token_type": "Bearer\r\nX: y"})
+    grant = client.refresh("fakeref-x")
+    assert grant.resource_url is None and grant.token_type == "Bearer"
 
 
 def test_numeric_string_expires_in_is_accepted(fake: FakeQwen, client: QwenOAuthClient) -> None:
@@ -596,3 +660,150 @@ def test_httpx_logging_is_quiet() -> None:
 
     assert logging.getLogger("httpx").getEffectiveLevel() >= logging.WARNING
     assert logging.getLogger("httpcore").getEffectiveLevel() >= logging.WARNING
+
+
+# --------------------------------------------------------------------------- bounded answers
+
+
+@pytest.fixture
+def hostile() -> Iterator[hs.HostileServer]:
+    with hs.HostileServer() as server:
+        yield server
+
+
+def hostile_client(server: hs.HostileServer, timeout: float = 15.0) -> QwenOAuthClient:
+    return QwenOAuthClient(server.token_url, server.device_code_url, QWEN_CLIENT_ID,
+                           timeout=timeout)
+
+
+def test_a_dripping_answer_is_cut_by_the_overall_deadline(hostile: hs.HostileServer) -> None:
+    # One byte every 0.3 s never trips a 1.5 s per-read timeout: only a deadline ends it.
+    hostile.attack("R", hs.drip(0.3))
+    with hostile_client(hostile, timeout=1.5) as client:
+        started = time.monotonic()
+        with pytest.raises(errors.UnusableAnswer, match="timed out"):
+            client.refresh("R")
+        assert time.monotonic() - started < 2.5
+
+
+def test_the_overall_deadline_never_exceeds_the_ceiling() -> None:
+    client = QwenOAuthClient("http://127.0.0.1:9/t", "http://127.0.0.1:9/d", QWEN_CLIENT_ID,
+                             timeout=120)
+    assert client.deadline == MAX_REQUEST_SECONDS < 30  # OpenClaw's lock staleness
+    client.close()
+
+
+def test_stop_cuts_a_request_in_flight_after_a_short_grace(hostile: hs.HostileServer) -> None:
+    hostile.attack("R", hs.drip(0.3))
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    with hostile_client(hostile, timeout=15) as client:
+        started = time.monotonic()
+        with pytest.raises(errors.TransientOAuthError):
+            client.refresh("R", stop=stop)
+        assert time.monotonic() - started < 0.3 + STOP_GRACE + 1
+
+
+@pytest.mark.parametrize("behaviour", ["endless", "gzip_bomb"])
+def test_an_endless_or_inflating_body_is_cut_at_the_cap_with_bounded_memory(
+        hostile: hs.HostileServer, behaviour: str) -> None:
+    import tracemalloc
+
+    hostile.attack("R", getattr(hs, behaviour)())
+    with hostile_client(hostile) as client:
+        tracemalloc.start()
+        try:
+            started = time.monotonic()
+            with pytest.raises(errors.UnusableAnswer, match="larger than 64 KiB"):
+                client.refresh("R")
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert time.monotonic() - started < 3
+    # The hostile server runs in this process and holds a 1 MiB block of its own.
+    assert peak < 8 * 1024 * 1024, f"peak {peak} bytes (the bomb is 1 GiB)"
+
+
+def test_a_small_gzip_answer_is_still_read(hostile: hs.HostileServer) -> None:
+    import gzip
+
+    body = gzip.compress(b'{"access_token": "acc-1", "expires_in": 60}')
+    hostile.attack("R", hs.answer(200, body, {"Content-Encoding": "gzip"}))
+    with hostile_client(hostile) as client:
+        assert client.refresh("R").access_token == "acc-1"
+
+
+def test_an_unknown_content_encoding_is_unusable(hostile: hs.HostileServer) -> None:
+    hostile.attack("R", hs.answer(200, b"\x00\x01", {"Content-Encoding": "br"}))
+    with hostile_client(hostile) as client, pytest.raises(errors.UnusableAnswer,
+                                                         match="Content-Encoding"):
+        client.refresh("R")
+
+
+def test_a_big_error_body_is_transient_not_unusable(hostile: hs.HostileServer) -> None:
+    hostile.attack("R", hs.answer(400, b"x" * (MAX_BODY + 1)))
+    with hostile_client(hostile) as client, pytest.raises(errors.TransientOAuthError) as caught:
+        client.refresh("R")
+    assert not isinstance(caught.value, errors.UnusableAnswer)
+    assert "HTTP 400" in caught.value.reason
+
+
+def test_huge_headers_are_transient_and_fast(hostile: hs.HostileServer) -> None:
+    hostile.attack("R", hs.huge_headers())
+    with hostile_client(hostile) as client:
+        started = time.monotonic()
+        with pytest.raises(errors.TransientOAuthError):
+            client.refresh("R")
+        assert time.monotonic() - started < 3
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_redirects_are_not_followed(hostile: hs.HostileServer, status: int) -> None:
+    with hs.Recorder() as elsewhere:
+        hostile.attack("R", hs.redirect(status, elsewhere.url + "/token"))
+        with hostile_client(hostile) as client, pytest.raises(errors.TransientOAuthError,
+                                                             match=f"HTTP {status}"):
+            client.refresh("R")
+        assert elsewhere.requests == []
+
+
+def test_an_error_echoing_the_token_in_any_encoding_is_redacted(
+        hostile: hs.HostileServer) -> None:
+    from urllib.parse import quote, quote_plus
+
+    token = 'ref+/="&é' + "x" * 30
+    forms = [token, quote(token, safe=""), quote_plus(token), json.dumps(token)[1:-1],
+             base64.b64encode(token.encode()).decode()]
+    hostile.attack(token, hs.answer(400, {"error": "echo",
+                                          "error_description": " ".join(forms)}))
+    with hostile_client(hostile) as client, pytest.raises(errors.TransientOAuthError) as caught:
+        client.refresh(token)
+    shown = str(caught.value)
+    assert "echo" in shown
+    for n, form in enumerate(forms):
+        assert form[:20] not in shown, f"form #{n} leaked"
+
+
+def test_proxy_environment_is_ignored_for_loopback(
+        hostile: hs.HostileServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    hostile.attack("R", hs.answer(200, {"access_token": "acc-1", "expires_in": 60}))
+    with hs.Recorder() as proxy:
+        for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "all_proxy"):
+            monkeypatch.setenv(name, proxy.url)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        with hostile_client(hostile) as client:
+            assert client.refresh("R").access_token == "acc-1"
+        assert proxy.requests == []
+
+
+def test_proxy_environment_still_applies_to_a_remote_https_url(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    assert _proxy_for("https://chat.qwen.ai/t", "https://chat.qwen.ai/d") == \
+        "http://proxy.example:3128"
+    assert _proxy_for("http://127.0.0.1:8/t", "http://127.0.0.1:8/d") is None
+    monkeypatch.setenv("NO_PROXY", "chat.qwen.ai")
+    assert _proxy_for("https://chat.qwen.ai/t", "https://chat.qwen.ai/d") is None

@@ -240,7 +240,9 @@ def test_needs_login_survives_the_daemon_stopping_until_a_new_login(env: Env) ->
     assert code == 2 and states(doc) == {"qwen-portal:default": "needs_login"}
     assert doc["profiles"][0]["last_error"] == "refresh token rejected (HTTP 400)"
     assert doc["profiles"][0]["login_command"].startswith("openclaw models auth login")
-    assert "needs a new login: run `openclaw models auth login" in env.run().stdout
+    text = env.run().stdout
+    assert "needs a new login: run `qwen-refresher login --store " in text
+    assert "(or `openclaw models auth login" in text
     env.openclaw(6 * HOUR)  # someone logged in again: new tokens, new expiry
     code, doc = env.json()
     assert code == 3 and states(doc) == {"qwen-portal:default": "ok"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -161,3 +162,17 @@ def test_errors_never_contain_tokens(tmp_path: Path) -> None:
     with pytest.raises(StoreError) as info:
         OpenClawStore(path).read()
     assert secret not in str(info.value)
+
+
+def test_a_store_found_wider_than_0600_is_written_0600(tmp_path: Path) -> None:
+    import stat as stat_mod
+
+    path = tmp_path / "agents" / "main" / "agent" / "auth-profiles.json"
+    path.parent.mkdir(parents=True, mode=0o700)
+    path.write_text(json.dumps({"version": 1, "profiles": {}}))
+    os.chmod(path, 0o644)
+    store = OpenClawStore(path)
+    snap = store.read()
+    creds = Credentials(access="a" * 20, refresh="r" * 20, expires_ms=1_900_000_000_000)
+    store.write(snap, {"qwen-portal:default": creds})
+    assert stat_mod.S_IMODE(path.stat().st_mode) == 0o600

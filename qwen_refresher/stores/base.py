@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ..errors import StoreMalformed, StoreUnreadable
-from ..fileio import FileRead, atomic_write, read_store_file
+from ..fileio import (
+    FileRead,
+    atomic_write,
+    check_parents,
+    owner_to_keep,
+    read_store_file,
+    tighten_mode,
+)
 from ..lockfile import FileLock, LockStyle
 from ..models import Credentials, ProfileKey
 
@@ -58,8 +65,22 @@ class Store(ABC):
     kind: ClassVar[str]
     lock_style: ClassVar[LockStyle]
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, anchor: Path | None = None) -> None:
+        from ..paths import store_anchor
+
         self.path = Path(path).absolute()
+        #: Directories from here down to the store are checked like the store itself.
+        self.anchor = anchor if anchor is not None else store_anchor(self.path)
+
+    def check_path(self) -> None:
+        """Refuse the store when a directory above it is a symlink leading elsewhere or belongs
+        to another user (``fileio.check_parents``); the store's owner is trusted, since it
+        controls the file anyway."""
+        try:
+            owner = [os.stat(self.path).st_uid]
+        except OSError:
+            owner = []
+        check_parents(self.path, self.anchor, trusted_uids=owner)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.path)!r})"
@@ -105,12 +126,16 @@ class Store(ABC):
         Problems confined to one profile do not raise: they come back in its record, so every
         other profile in the same file is still served.
         """
+        self.check_path()
         try:
             file = read_store_file(self.path)
         except StoreUnreadable as exc:
             if allow_missing and exc.problem == "does not exist":
                 return StoreSnapshot(self, None, self.empty_document())
             raise
+        # A store whose owner we could not keep on write is refused now, before any refresh
+        # spends its token; never rotated and then silently handed to us.
+        owner_to_keep(self.path, file.uid, file.gid)
         document = parse_json_document(self.path, file.data)
         return StoreSnapshot(self, file, document, self.extract(document))
 
@@ -153,20 +178,25 @@ class Store(ABC):
     def write(self, snapshot: StoreSnapshot, updates: Mapping[str, Credentials]) -> bytes:
         """Apply ``updates`` and replace the file atomically; returns the bytes written.
 
-        Mode and owner of an existing file are kept; a new file is 0600 in a 0700 directory.
+        The owner of an existing file is kept (or ``OwnershipError``, never a silent change);
+        the mode is always 0600, as OpenClaw chmods its store on every save: a file found wider
+        is tightened and named once in a ``store_mode_tightened`` warning. A new file is 0600
+        in a 0700 directory.
         """
         from ..fileio import ensure_private_dir
 
         data = self.render(snapshot, updates)
+        self.check_path()
         if snapshot.file is None:
             ensure_private_dir(self.path.parent)
             atomic_write(self.real_path(), data, mode=0o600, user_path=self.path)
         else:
+            file = snapshot.file
             atomic_write(
-                snapshot.file.real_path,
+                file.real_path,
                 data,
-                mode=snapshot.file.mode,
-                owner=(snapshot.file.uid, snapshot.file.gid),
+                mode=tighten_mode(file.real_path, self.describe(), file.mode),
+                owner=owner_to_keep(self.path, file.uid, file.gid),
                 user_path=self.path,
             )
         return data
@@ -275,6 +305,46 @@ def check_expires_ms(value: object, field_name: str) -> tuple[int | None, str | 
     if value > MAX_PLAUSIBLE_EXPIRES_MS:
         return None, f"{field_name} is too far in the future to be milliseconds since the epoch"
     return int(value), None
+
+
+#: A server's ``expires_in`` we take as given lies in this range (seconds). Below it the
+#: token would be refreshed in a tight loop; above it, the expiry is a guess we do not trust
+#: (and far enough out, ``now + expires_in`` fails ``check_expires_ms`` on our next read).
+MIN_EXPIRES_IN = 1.0
+MAX_EXPIRES_IN = 30 * 86400.0
+#: What an unusable ``expires_in`` next to valid tokens is taken to be: short, so that a wrong
+#: guess costs one early refresh rather than an expired token nobody refreshes.
+FALLBACK_EXPIRES_IN = 3600.0
+
+
+def check_expires_in(value: object, field_name: str = "expires_in") -> tuple[float, str | None]:
+    """A token lifetime in seconds from a server answer: (usable seconds, problem or None).
+
+    Never raises and always returns a usable number: when the server sent new tokens, the old
+    refresh token is already spent, so a broken lifetime must not cost the tokens. Numeric
+    strings are accepted (a typed field is not worth a login). A value in (0, MIN) is raised
+    to ``MIN_EXPIRES_IN``; anything else outside the range, or not a finite number, becomes
+    ``FALLBACK_EXPIRES_IN``; the problem says which, without echoing a long value.
+    """
+    number: float | None = None
+    if not isinstance(value, bool) and isinstance(value, int | float | str):
+        try:
+            number = float(value)
+        except (ValueError, OverflowError):  # "soon"; an int too large for a float
+            number = None
+    if number is None:
+        kind = "missing" if value is None else f"not a number ({type(value).__name__})"
+        return FALLBACK_EXPIRES_IN, f"{field_name} is {kind}"
+    if number != number or number in (float("inf"), float("-inf")):
+        return FALLBACK_EXPIRES_IN, f"{field_name} is not a finite number"
+    if number <= 0:
+        return FALLBACK_EXPIRES_IN, f"{field_name} is not positive ({number:.3g})"
+    if number < MIN_EXPIRES_IN:
+        return MIN_EXPIRES_IN, f"{field_name} is shorter than {MIN_EXPIRES_IN:g}s ({number:.3g})"
+    if number > MAX_EXPIRES_IN:
+        return FALLBACK_EXPIRES_IN, (f"{field_name} is longer than {MAX_EXPIRES_IN:.0f}s "
+                                     f"({number:.3g})")
+    return number, None
 
 
 #: Real tokens are a few hundred bytes; anything near this is not a token.

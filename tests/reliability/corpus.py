@@ -412,7 +412,7 @@ def _given(case: ConfigCase) -> str:
 
 def render_markdown() -> str:
     lines = [
-        "# Bad input: what qwen-refresher says about broken stores and settings",
+        "# Bad input: what qwen-refresher does with broken stores, settings and hostile input",
         "",
         "Generated from `tests/reliability/corpus.py` by "
         "`.venv/bin/python -m tests.reliability.corpus`; "
@@ -465,7 +465,33 @@ def render_markdown() -> str:
         bug = ("**open bug** (xfail): " + k.bug.removeprefix("BUG: ")) if k.bug else ""
         lines.append(f"| `{k.name}` | {_cell(k.what)} | {_cell(_given(k))} | `{k.setting}` "
                      f"| `{_cell(k.expect)}` | {_cell(bug)} |")
+    lines += _adversarial_section()
     return "\n".join(lines) + "\n"
+
+
+def _adversarial_section() -> list[str]:
+    """The hostile-input cases of ``tests/adversarial/``, one table per boundary."""
+    from tests.adversarial.registry import BOUNDARIES, all_cases
+
+    cases = all_cases()
+    lines = [
+        "",
+        "## Hostile inputs at every boundary",
+        "",
+        f"{len(cases)} cases from `tests/adversarial/` (each test registers its case in "
+        "`tests/adversarial/registry.py`). Unless a row says otherwise, every case also "
+        "asserts that the healthy profiles beside the attacked one keep being refreshed, that "
+        "no token appears in any output in any encoding, that the attacked file is "
+        "byte-identical, and that SIGTERM is honoured within 10 s.",
+    ]
+    for boundary in BOUNDARIES:
+        rows = [c for c in cases if c.boundary == boundary]
+        if not rows:
+            continue
+        lines += ["", f"### {boundary[0].upper()}{boundary[1:]}", "",
+                  "| case | attack | defence |", "| --- | --- | --- |"]
+        lines += [f"| `{c.name}` | {_cell(c.attack)} | {_cell(c.defence)} |" for c in rows]
+    return lines
 
 
 def main() -> int:

@@ -52,6 +52,7 @@ from typing import Any
 
 import pytest
 
+from qwen_refresher.planner import MIN_RETRY
 from qwen_refresher.state import read_state
 from qwen_refresher.testing.fake_qwen import FakeQwen, FakeQwenConfig, RequestRecord
 from tests.harness import OpenClawHome, qwen_profile
@@ -270,6 +271,7 @@ def test_chaos_server_200_profiles(oc: OpenClawHome, tmp_path: Path, long_run: b
     for r in requests:
         assert r.refresh_token is not None
         by_family[roots[r.refresh_token]].append(r)
+    expiry_of = {t.refresh_token: t.expires_ms / 1000 for t in fake.issued}
     violations: list[str] = []
     streak_max = 0
     for family, reqs in by_family.items():
@@ -282,6 +284,13 @@ def test_chaos_server_200_profiles(oc: OpenClawHome, tmp_path: Path, long_run: b
             else:
                 streak += 1
                 need = failure_gap(streak, a.fault)
+                # A retry is never planned past the presented token's expiry (issue 12:
+                # Retry-After and back-off stop at min(retry_max, time to expiry), at least
+                # MIN_RETRY): near expiry the gap may be that short, never shorter.
+                expires = expiry_of.get(a.refresh_token or "")
+                if expires is not None:
+                    wall_start = a.at - (a.monotonic - request_start(a))
+                    need = min(need, max(expires - wall_start, MIN_RETRY))
             streak_max = max(streak_max, streak)
             if gap < need - TOLERANCE:
                 violations.append(f"{family[:14]}: {gap:.2f}s after {a.outcome} "

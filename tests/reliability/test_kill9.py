@@ -90,11 +90,11 @@ DAEMON_ARGS = ("--margin", "3", "--jitter", "0", "--http-timeout", "2", "--retry
                "--no-qwen-code")
 STRATEGIES = ("in_flight", "after_response", "holding_lock", "taking_lock", "random")
 CI_KILLS, LONG_KILLS = 30, 500
-#: While test_a_stale_lock_is_taken_over_by_one_contender_only fails (two workers can both
-#: "take over" a dead daemon's lock on a store they share), a rotation in the shared store can
-#: be overwritten by the other family's write: such losses are counted apart. Set to False
-#: once that test passes.
-KNOWN_TAKEOVER_RACE = True
+#: While test_a_stale_lock_is_taken_over_by_one_contender_only failed (two workers could both
+#: "take over" a dead daemon's lock on a store they share), a rotation in the shared store could
+#: be overwritten by the other family's write, and such losses were counted apart. Fixed in
+#: lockfile.py (per-path mutex, directory flock, rename-and-verify): no loss is excused now.
+KNOWN_TAKEOVER_RACE = False
 _AGENTS_OF = {family: {agent for agent, _ in members} for family, members in FAMILIES.items()}
 SHARED_STORE_FAMILIES = frozenset(
     family for family, agents in _AGENTS_OF.items()
@@ -523,18 +523,15 @@ def test_temp_files_of_an_interrupted_write_are_removed(oc: OpenClawHome) -> Non
 TAKEOVERS = 100
 
 
-@pytest.mark.xfail(reason="BUG: lockfile.FileLock._remove_if_stale reads a stale lock, then "
-                          "unlinks the path: a contender that removed the stale lock and "
-                          "created its own in between loses its live lock, and two holders "
-                          "write the store at once (kill -9 suite: a rotation journaled, "
-                          "written and settled, then overwritten by the other family of the "
-                          "same store); when fixed, set KNOWN_TAKEOVER_RACE = False", strict=True)
 @pytest.mark.timeout(60)
 def test_a_stale_lock_is_taken_over_by_one_contender_only(tmp_path: Path) -> None:
     """Four workers of one daemon (families of one store) meet a dead daemon's lock.
 
-    Today 5-35% of such takeovers end with two holders; 100 tries make a pass by luck
-    (about 0.92**100) negligible.
+    Before the fix (``FileLock`` read a stale lock, then unlinked the *path*, which by then
+    could hold another worker's fresh lock) 5-35% of such takeovers ended with two holders;
+    100 tries made a pass by luck (about 0.92**100) negligible. Now threads of one process
+    share a per-path mutex and processes take over under a directory flock with
+    rename-and-verify; ``tests/adversarial/test_locks.py`` runs 16 processes at it.
     """
     lock_path = tmp_path / "auth-profiles.json.lock"
     dead = subprocess.Popen(["true"])
