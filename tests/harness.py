@@ -170,3 +170,39 @@ def all_tokens(fake: Any) -> list[str]:
     for issued in fake.issued:
         out += [issued.access_token, issued.refresh_token]
     return out
+
+
+# -- shared by the adversarial and review-fix suites: one store, one stop -----------------------
+
+QWEN_PROFILE = "qwen-portal:default"
+
+
+def qwen_store_doc(fake: Any, lifetime: float) -> dict[str, Any]:
+    """An OpenClaw store holding one fresh qwen-portal profile issued by ``fake``."""
+    access, refresh, expires = fake.issue_tokens(lifetime=lifetime)
+    return {"version": 1, "profiles": {QWEN_PROFILE: qwen_profile(access, refresh, expires)}}
+
+
+def seed_qwen_store(oc: OpenClawHome, fake: Any, lifetime: float, agent: str = "main") -> Path:
+    """Write ``qwen_store_doc`` as ``agent``'s store (0600, its directory 0700)."""
+    return oc.write_store(qwen_store_doc(fake, lifetime), agent=agent)
+
+
+def refresh_of(path: Path, profile: str = QWEN_PROFILE) -> str:
+    """The refresh token ``profile`` holds in an OpenClaw store right now."""
+    return str(json.loads(path.read_bytes())["profiles"][profile]["refresh"])
+
+
+def stop_within(daemon: DaemonProcess, seconds: float = 10.0) -> float:
+    """SIGTERM the daemon; it must exit 0 within ``seconds``. Returns how long it took."""
+    started = time.monotonic()
+    daemon.signal(signal.SIGTERM)
+    try:
+        rc = daemon.proc.wait(seconds + 5)
+    except subprocess.TimeoutExpired:
+        daemon.proc.kill()
+        raise AssertionError(f"SIGTERM ignored for {seconds + 5}s\n{daemon.output[-3000:]}"
+                             ) from None
+    took = time.monotonic() - started
+    assert rc == 0 and took < seconds, f"exit {rc} after {took:.1f}s\n{daemon.output[-3000:]}"
+    return took

@@ -17,7 +17,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -31,7 +30,8 @@ from tests.harness import (
     OpenClawHome,
     all_tokens,
     assert_no_secrets,
-    qwen_profile,
+    qwen_store_doc,
+    stop_within,
     wait_for,
 )
 
@@ -46,15 +46,10 @@ def fast() -> Iterator[FakeQwen]:
         yield server
 
 
-def store_doc(fake: FakeQwen, lifetime: float) -> dict[str, object]:
-    access, refresh, expires = fake.issue_tokens(lifetime=lifetime)
-    return {"version": 1, "profiles": {"qwen-portal:default": qwen_profile(access, refresh,
-                                                                            expires)}}
-
 
 def healthy(oc: OpenClawHome, fake: FakeQwen) -> Path:
     """The main agent's store, due every few seconds: the profile that must keep being served."""
-    return oc.write_store(store_doc(fake, 6), agent="main")
+    return oc.write_store(qwen_store_doc(fake, 6), agent="main")
 
 
 def refreshes_of(fake: FakeQwen, path: Path) -> Callable[[], int]:
@@ -76,17 +71,6 @@ def keeps_refreshing(daemon: DaemonProcess, fake: FakeQwen, path: Path, times: i
     count = refreshes_of(fake, path)
     wait_for(lambda: count() >= times, 40, f"{times} refreshes of the healthy store", daemon)
 
-
-def stop_within_10s(daemon: DaemonProcess) -> None:
-    started = time.monotonic()
-    daemon.signal(signal.SIGTERM)
-    try:
-        daemon.proc.wait(10)
-    except subprocess.TimeoutExpired:
-        raise AssertionError("SIGTERM not honoured within 10 s\n" + daemon.output[-3000:]) \
-            from None
-    assert time.monotonic() - started < 10
-    assert daemon.proc.returncode == 0, daemon.output[-3000:]
 
 
 def events(daemon: DaemonProcess, name: str) -> list[dict[str, object]]:
@@ -150,7 +134,7 @@ def test_a_hostile_openclaw_json_gives_one_error_at_start_up(
         assert len(errors) == 1, daemon.output[-3000:]
         assert "openclaw.json" in str(errors[0]["file"])
         assert expect in str(errors[0]["error"])
-        stop_within_10s(daemon)
+        stop_within(daemon)
     if attack != "fifo":
         assert config.read_bytes() == before
     else:
@@ -175,7 +159,7 @@ def test_a_fifo_openclaw_json_on_reload(oc: OpenClawHome, fast: FakeQwen) -> Non
                  "the config error", daemon)
         keeps_refreshing(daemon, fast, good, times=2)
         assert len(events(daemon, "openclaw_config_unusable")) == 1
-        stop_within_10s(daemon)
+        stop_within(daemon)
 
 
 @case("files-openclaw-json-symlink-to-fifo", "files",
@@ -197,7 +181,7 @@ def test_a_symlinked_openclaw_json_to_a_fifo_gives_one_error(
         assert len(errors) == 1, daemon.output[-3000:]
         assert str(errors[0]["file"]).endswith("openclaw.json")
         assert "fifo" in str(errors[0]["error"])
-        stop_within_10s(daemon)
+        stop_within(daemon)
     assert config.is_symlink() and stat.S_ISFIFO(fifo.lstat().st_mode)
     assert_no_secrets([daemon.output], all_tokens(fast))
 
@@ -213,7 +197,7 @@ def test_a_symlinked_agent_dir_is_refused(oc: OpenClawHome, fast: FakeQwen,
                                           tmp_path: Path) -> None:
     good = healthy(oc, fast)
     outside = tmp_path / "victim" / "agent"
-    victim = oc.write_store(store_doc(fast, 5), path=outside / "auth-profiles.json")
+    victim = oc.write_store(qwen_store_doc(fast, 5), path=outside / "auth-profiles.json")
     victim_refresh = json.loads(victim.read_bytes())["profiles"]["qwen-portal:default"]["refresh"]
     before = victim.read_bytes()
     (oc.state / "agents" / "evil").mkdir(parents=True)
@@ -225,7 +209,7 @@ def test_a_symlinked_agent_dir_is_refused(oc: OpenClawHome, fast: FakeQwen,
         assert len(bad) == 1, daemon.output[-3000:]
         assert "symlink" in str(bad[0]["error"])
         assert "agents/evil/agent" in str(bad[0]["error"]), "the error names the directory"
-        stop_within_10s(daemon)
+        stop_within(daemon)
     never_sent(fast, victim_refresh)
     assert victim.read_bytes() == before
     assert sorted(p.name for p in outside.iterdir()) == ["auth-profiles.json"]
@@ -239,7 +223,7 @@ def test_a_symlinked_agent_dir_is_refused(oc: OpenClawHome, fast: FakeQwen,
 def test_an_agent_dir_owned_by_another_user_is_refused(oc: OpenClawHome,
                                                        fast: FakeQwen) -> None:
     good = healthy(oc, fast)
-    attacked = oc.write_store(store_doc(fast, 5), agent="other")
+    attacked = oc.write_store(qwen_store_doc(fast, 5), agent="other")
     attacked_refresh = json.loads(attacked.read_bytes())["profiles"]["qwen-portal:default"][
         "refresh"]
     before = attacked.read_bytes()
@@ -250,7 +234,7 @@ def test_an_agent_dir_owned_by_another_user_is_refused(oc: OpenClawHome,
         bad = [e for e in events(daemon, "store_invalid") if "other" in str(e.get("store"))]
         assert len(bad) == 1, daemon.output[-3000:]
         assert f"uid {NOBODY}" in str(bad[0]["error"])
-        stop_within_10s(daemon)
+        stop_within(daemon)
     never_sent(fast, attacked_refresh)
     assert attacked.read_bytes() == before
 
@@ -318,7 +302,7 @@ def test_our_state_dir_readable_by_others_is_tightened(oc: OpenClawHome,
         assert len(warned) == 1, daemon.output[-3000:]
         assert warned[0]["old_mode"] == "2755" and warned[0]["state_dir"] == str(oc.our_state)
         assert stat.S_IMODE(oc.our_state.stat().st_mode) == 0o700
-        stop_within_10s(daemon)
+        stop_within(daemon)
     assert_no_secrets([daemon.output], all_tokens(fast))
 
 
@@ -379,7 +363,7 @@ def test_symlinks_planted_while_running_never_reach_the_victim(
                 planted.unlink()
             planted.symlink_to(victim)
         keeps_refreshing(daemon, fast, good, times=3)
-        stop_within_10s(daemon)
+        stop_within(daemon)
     for victim, data in victims.items():
         assert victim.read_bytes() == data, f"{victim.name} was written through a symlink"
     assert_no_secrets([daemon.output], all_tokens(fast))
@@ -408,7 +392,7 @@ def test_a_store_found_0644_is_written_0600_with_one_warning(oc: OpenClawHome,
         assert len(warnings) == 1, daemon.output[-3000:]
         assert warnings[0]["old_mode"] == "0644"
         assert "auth-profiles.json" in str(warnings[0]["store"])
-        stop_within_10s(daemon)
+        stop_within(daemon)
     assert_no_secrets([daemon.output], all_tokens(fast))
 
 
@@ -423,7 +407,7 @@ def test_a_store_owned_by_another_user_keeps_its_owner(oc: OpenClawHome,
     count = refreshes_of(fast, good)
     with DaemonProcess(oc, fast) as daemon:
         wait_for(lambda: count() >= 2, 25, "two rotations", daemon)
-        stop_within_10s(daemon)
+        stop_within(daemon)
     st = good.stat()
     assert (st.st_uid, st.st_gid) == (NOBODY, NOBODY)
     assert stat.S_IMODE(st.st_mode) == 0o600
@@ -467,7 +451,7 @@ def run_as_nobody_beside_a_root_owned_store(base: Path, fast: FakeQwen) -> None:
     os.chmod(base, 0o755)
     oc = OpenClawHome(base)
     good = healthy(oc, fast)
-    attacked = oc.write_store(store_doc(fast, 5), agent="rooted")
+    attacked = oc.write_store(qwen_store_doc(fast, 5), agent="rooted")
     os.chmod(attacked, 0o644)  # readable by the user: the danger is the write
     before = attacked.read_bytes()
     for dirpath, _dirs, files in os.walk(oc.home):
@@ -499,6 +483,6 @@ def run_as_nobody_beside_a_root_owned_store(base: Path, fast: FakeQwen) -> None:
         bad = [e for e in events(daemon, "store_invalid") if "rooted" in str(e.get("store"))]
         assert len(bad) == 1, daemon.output[-3000:]
         assert "uid 0" in str(bad[0]["error"])
-        stop_within_10s(daemon)
+        stop_within(daemon)
     assert attacked.read_bytes() == before
     assert attacked.stat().st_uid == 0

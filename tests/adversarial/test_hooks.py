@@ -21,7 +21,13 @@ import pytest
 from qwen_refresher import hooks
 from qwen_refresher.testing.fake_qwen import FakeQwen, FakeQwenConfig
 from tests.adversarial.registry import case
-from tests.harness import DaemonProcess, OpenClawHome, qwen_profile, wait_for
+from tests.harness import (
+    DaemonProcess,
+    OpenClawHome,
+    seed_qwen_store,
+    stop_within,
+    wait_for,
+)
 
 # --- helpers ---------------------------------------------------------------------------------
 
@@ -61,19 +67,6 @@ def vm_kib(pid: int, field: str) -> int:
     raise AssertionError(f"no {field} in /proc/{pid}/status")
 
 
-def seed(oc: OpenClawHome, fake: FakeQwen, lifetime: float) -> Path:
-    access, refresh, expires = fake.issue_tokens(lifetime=lifetime)
-    return oc.write_store({"version": 1, "profiles": {
-        "qwen-portal:default": qwen_profile(access, refresh, expires)}})
-
-
-def stop_within(daemon: DaemonProcess, seconds: float = 10.0) -> float:
-    started = time.monotonic()
-    daemon.signal(signal.SIGTERM)
-    rc = daemon.proc.wait(seconds + 5)
-    took = time.monotonic() - started
-    assert rc == 0 and took < seconds, f"exit {rc} after {took:.1f}s\n{daemon.output[-3000:]}"
-    return took
 
 
 @pytest.fixture
@@ -96,7 +89,7 @@ def quick() -> Iterator[FakeQwen]:
       "never waited on, so rotations and SIGTERM go on.")
 def test_a_child_holding_the_hook_pipe_blocks_nothing(oc: OpenClawHome, quick: FakeQwen,
                                                       marker: str, spawn: str) -> None:
-    seed(oc, quick, lifetime=5)
+    seed_qwen_store(oc, quick, lifetime=5)
     env = oc.env(QWEN_REFRESHER_ON_ROTATE=f"echo reloaded; {spawn.format(m=marker)}")
     with DaemonProcess(oc, quick, margin="3", env=env) as daemon:
         first = daemon.wait_event("on_rotate_ok", timeout=15)
@@ -130,7 +123,7 @@ def test_a_hook_past_its_deadline_gets_sigterm_then_its_group_sigkill(marker: st
       "less than 50 MB and the logged tail stays short.")
 def test_a_hook_printing_400_mb_does_not_grow_the_daemon(oc: OpenClawHome,
                                                          quick: FakeQwen) -> None:
-    seed(oc, quick, lifetime=5)
+    seed_qwen_store(oc, quick, lifetime=5)
     flood = "yes 0123456789abcdefghijklmnopqrstuvwxyz | head -c 400000000; echo; echo flood-end"
     env = oc.env(QWEN_REFRESHER_ON_ROTATE=flood, QWEN_REFRESHER_HOOK_TIMEOUT="60")
     with DaemonProcess(oc, quick, margin="3", env=env) as daemon:

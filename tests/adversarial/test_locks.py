@@ -48,6 +48,8 @@ from tests.harness import (
     all_tokens,
     assert_no_secrets,
     qwen_profile,
+    refresh_of,
+    seed_qwen_store,
     wait_for,
 )
 
@@ -524,14 +526,6 @@ def short_fake() -> Iterator[FakeQwen]:
         yield server
 
 
-def seed_store(oc: OpenClawHome, fake: FakeQwen, agent: str, lifetime: float) -> Path:
-    access, refresh, expires = fake.issue_tokens(lifetime=lifetime)
-    return oc.write_store({"version": 1, "profiles": {
-        "qwen-portal:default": qwen_profile(access, refresh, expires)}}, agent=agent)
-
-
-def refresh_of(path: Path) -> str:
-    return str(json.loads(path.read_bytes())["profiles"]["qwen-portal:default"]["refresh"])
 
 
 @case("lock-not-a-file-daemon", "files",
@@ -542,9 +536,9 @@ def refresh_of(path: Path) -> str:
 def test_the_daemon_keeps_serving_beside_locks_that_are_not_files(
         oc: OpenClawHome, short_fake: FakeQwen) -> None:
     fake = short_fake
-    healthy = seed_store(oc, fake, "main", 3.0)
-    fifo_store = seed_store(oc, fake, "fifo", 3.0)
-    dangling_store = seed_store(oc, fake, "dangle", 3.0)
+    healthy = seed_qwen_store(oc, fake, 3.0, "main")
+    fifo_store = seed_qwen_store(oc, fake, 3.0, "fifo")
+    dangling_store = seed_qwen_store(oc, fake, 3.0, "dangle")
     fifo_lock = fifo_store.parent / "auth-profiles.json.lock"
     dangling_lock = dangling_store.parent / "auth-profiles.json.lock"
     os.mkfifo(fifo_lock, 0o600)
@@ -591,7 +585,7 @@ def test_two_daemons_over_a_dead_pids_lock_refresh_once_per_rotation(
         oc: OpenClawHome, tmp_path: Path) -> None:
     rounds = 8
     with FakeQwen(FakeQwenConfig(lifetime=3600)) as fake:
-        path = seed_store(oc, fake, "main", 3600)
+        path = seed_qwen_store(oc, fake, 3600, "main")
         lock_path = path.parent / "auth-profiles.json.lock"
         env2 = oc.env(QWEN_REFRESHER_STATE_DIR=str(tmp_path / "second-state"))
         daemons = [DaemonProcess(oc, fake, margin="30"),

@@ -28,29 +28,18 @@ import pytest
 from qwen_refresher import service
 from qwen_refresher.testing.fake_qwen import FakeQwen, FakeQwenConfig
 from tests.adversarial.registry import case
-from tests.harness import ROOT, DaemonProcess, OpenClawHome, qwen_profile, wait_for
+from tests.harness import (
+    ROOT,
+    DaemonProcess,
+    OpenClawHome,
+    seed_qwen_store,
+    stop_within,
+    wait_for,
+)
 
 STOP_WITHIN = 10.0
 
 
-def seed(oc: OpenClawHome, fake: FakeQwen, lifetime: float, agent: str = "main") -> Path:
-    access, refresh, expires = fake.issue_tokens(lifetime=lifetime)
-    return oc.write_store({"version": 1, "profiles": {
-        "qwen-portal:default": qwen_profile(access, refresh, expires)}}, agent=agent)
-
-
-def stop_within(daemon: DaemonProcess, seconds: float = STOP_WITHIN) -> float:
-    started = time.monotonic()
-    daemon.signal(signal.SIGTERM)
-    try:
-        rc = daemon.proc.wait(seconds + 5)
-    except Exception:
-        daemon.proc.kill()
-        raise AssertionError(f"SIGTERM ignored for {seconds + 5}s\n{daemon.output[-3000:]}"
-                             ) from None
-    took = time.monotonic() - started
-    assert rc == 0 and took < seconds, f"exit {rc} after {took:.1f}s\n{daemon.output[-3000:]}"
-    return took
 
 
 def no_crash(daemon: DaemonProcess) -> None:
@@ -93,7 +82,7 @@ def quick() -> Iterator[FakeQwen]:
       "pending, the last one still runs, no deadlock or RecursionError.")
 def test_a_sighup_storm_coalesces_and_the_last_reload_still_runs(
         oc: OpenClawHome, fake: FakeQwen, tmp_path: Path) -> None:
-    seed(oc, fake, lifetime=40)
+    seed_qwen_store(oc, fake, lifetime=40)
     config = tmp_path / "config.toml"
     config.write_text("margin = 1\n")
     with ConfigDaemon(oc, fake, config) as daemon:
@@ -120,7 +109,7 @@ def test_a_sighup_storm_coalesces_and_the_last_reload_still_runs(
       "Reloads run off the main loop, which stays free to act on SIGTERM: the daemon exits 0 "
       "within 10 s.")
 def test_sigterm_during_a_stuck_reload(oc: OpenClawHome, fake: FakeQwen, tmp_path: Path) -> None:
-    seed(oc, fake, lifetime=3600)
+    seed_qwen_store(oc, fake, lifetime=3600)
     config = tmp_path / "config.toml"
     config.write_text("margin = 60\n")
     with DaemonProcess(oc, fake, "--config", str(config)) as daemon:
@@ -140,7 +129,7 @@ def test_sigterm_during_a_stuck_reload(oc: OpenClawHome, fake: FakeQwen, tmp_pat
 def test_sigterm_during_a_refresh_keeps_the_rotated_tokens(oc: OpenClawHome,
                                                           fake: FakeQwen) -> None:
     quick = fake  # answers with hour-long tokens: the restart below has nothing due
-    path = seed(oc, quick, lifetime=5)
+    path = seed_qwen_store(oc, quick, lifetime=5)
     # Within the grace an in-flight request gets after stop (qwen.STOP_GRACE, 8 s).
     quick.inject("delay", delay=2.5)
     with DaemonProcess(oc, quick, margin="3") as daemon:
@@ -164,7 +153,7 @@ def test_sigterm_during_a_refresh_keeps_the_rotated_tokens(oc: OpenClawHome,
       "waiting for their deadline: exit 0 within 10 s, no hook process left.")
 def test_sigterm_during_a_hook(oc: OpenClawHome, quick: FakeQwen) -> None:
     marker = f"298.{random.randrange(10**8):08d}"
-    seed(oc, quick, lifetime=5)
+    seed_qwen_store(oc, quick, lifetime=5)
     env = oc.env(QWEN_REFRESHER_ON_ROTATE=f"echo in-hook; sleep {marker}",
                  QWEN_REFRESHER_HOOK_TIMEOUT="120")
     try:
@@ -204,7 +193,7 @@ def core_dumps_allowed() -> Iterator[None]:
       "RLIMIT_CORE is set to 0 (soft and hard) at start-up and the unit says LimitCORE=0.")
 def test_the_running_daemon_cannot_dump_core(oc: OpenClawHome, fake: FakeQwen,
                                             core_dumps_allowed: None) -> None:
-    seed(oc, fake, lifetime=3600)
+    seed_qwen_store(oc, fake, lifetime=3600)
     with DaemonProcess(oc, fake) as daemon:
         daemon.wait_event("started")
         limits = Path(f"/proc/{daemon.proc.pid}/limits").read_text()
@@ -327,7 +316,7 @@ def test_start_sighup_burst_sigterm_cycles(tmp_path: Path, fake: FakeQwen) -> No
     homes = []
     for n in range(parallel):
         oc = OpenClawHome(tmp_path / f"d{n}")
-        seed(oc, fake, lifetime=3600)
+        seed_qwen_store(oc, fake, lifetime=3600)
         homes.append(oc)
     failures: list[str] = []
     times: list[float] = []
