@@ -10,14 +10,13 @@ import json
 import os
 import platform
 import re
-import signal
 import statistics
 import subprocess
 import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -28,6 +27,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from qwen_refresher.testing.daemon_proc import DaemonProc, daemon_env, redact, run_argv  # noqa: E402
 from qwen_refresher.testing.fake_qwen import FakeQwen  # noqa: E402
 
 PROVIDER = "qwen-portal"
@@ -247,23 +247,9 @@ class Home:
             return None
 
     def env(self, **extra: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("QWEN_REFRESHER_", "OPENCLAW_", "QWEN_HOME", "CLAWDBOT_",
-                                    "NOTIFY_SOCKET", "WATCHDOG_", "XDG_"))}
-        env.update({
-            "HOME": str(self.home),
-            "OPENCLAW_STATE_DIR": str(self.state),
-            "XDG_STATE_HOME": str(self.root / "xdg-state"),
-            "XDG_CONFIG_HOME": str(self.root / "xdg-config"),
-            "QWEN_REFRESHER_STATE_DIR": str(self.our_state),
-            "QWEN_REFRESHER_LOG_FORMAT": "json",
-            "QWEN_REFRESHER_LISTEN": "",
-            "QWEN_REFRESHER_ON_ROTATE": "none",
-            "QWEN_REFRESHER_NOTIFY_DESKTOP": "false",
-            "PYTHONUNBUFFERED": "1",
-        })
-        env.update(extra)
-        return env
+        """The daemon's environment (``daemon_proc.daemon_env``) for this home."""
+        return daemon_env(root=self.root, home=self.home, openclaw_state=self.state,
+                          our_state=self.our_state, **extra)
 
     def state_profiles(self) -> list[dict[str, Any]] | None:
         """The daemon's published ``state.json`` profiles, or None if absent/unreadable."""
@@ -386,11 +372,15 @@ def _parse_ts(value: Any) -> float | None:
         return None
 
 
-class Daemon:
-    """``python -m qwen_refresher run`` with JSON logs, its events timestamped as they come.
+class Daemon(DaemonProc):
+    """``python -m qwen_refresher run`` (``qwen_refresher.testing.daemon_proc``, the one way
+    tests and benchmarks start it) with JSON logs, each record stamped on arrival: ``_arrived``
+    (when the line was read) and ``_ts`` (the daemon's own timestamp, or the arrival).
 
     ``fast_redactor`` runs it through ``benchmarks/_fast_redactor.py`` instead: the same
     daemon with the log redactor swapped for a cheap one (a what-if, not the shipped code).
+    Lines are not kept (a long run prints hundreds of thousands): ``records``, ``other`` and
+    the counters are.
     """
 
     def __init__(self, home: Home, fake: FakeQwen, *, margin: str = "900", jitter: str = "60",
@@ -400,104 +390,47 @@ class Daemon:
         if entry is None:
             entry = ([str(BENCH_DIR / "_fast_redactor.py")] if fast_redactor
                      else ["-m", "qwen_refresher"])
-        argv = [sys.executable, *entry, "run", "--token-url", fake.token_url,
-                "--device-code-url", fake.device_code_url, "--margin", margin,
-                "--jitter", jitter, *args]
-        self._cond = threading.Condition()
-        self.events: list[dict[str, Any]] = []
-        self.counts: Counter[str] = Counter()
-        self.other: list[str] = []
         #: APScheduler's "skipped: maximum number of running instances reached" warnings: a
         #: family's job re-added while an instance of it is queued or running.
         self.skipped_runs = 0
         self.skipped_by_job: Counter[str] = Counter()
-        self.spawned_at = time.time()
-        self.proc = subprocess.Popen(argv, cwd=ROOT, env=home.env(**(env or {})),
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, errors="replace")
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        argv = run_argv(fake, *args, margin=margin, jitter=jitter, entry=entry)
+        super().__init__(argv, env=home.env(**(env or {})), keep_lines=False,
+                         secrets=lambda: [t for i in fake.issued
+                                          for t in (i.access_token, i.refresh_token)])
 
     @property
-    def pid(self) -> int:
-        return self.proc.pid
+    def events(self) -> list[dict[str, Any]]:
+        """Every JSON log record so far: the live list (append-only while the daemon runs)."""
+        return self.records
 
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            arrived = time.time()
-            line = raw.rstrip("\n")
-            event: dict[str, Any] | None = None
-            if line.startswith("{"):
-                try:
-                    parsed = json.loads(line)
-                except ValueError:
-                    parsed = None
-                if isinstance(parsed, dict):
-                    event = parsed
-            with self._cond:
-                if event is None and "maximum number of running instances" in line:
-                    self.skipped_runs += 1
-                    job = _SKIPPED_JOB.search(line)
-                    self.skipped_by_job[job.group(1) if job else "?"] += 1
-                elif event is None:
-                    self.other.append(line)
-                else:
-                    event["_arrived"] = arrived
-                    event["_ts"] = _parse_ts(event.get("timestamp")) or arrived
-                    self.events.append(event)
-                    self.counts[str(event.get("event"))] += 1
-                self._cond.notify_all()
-        with self._cond:
-            self._cond.notify_all()
+    def on_line(self, line: str, event: dict[str, Any] | None, arrived: float) -> None:
+        if event is None and "maximum number of running instances" in line:
+            self.skipped_runs += 1
+            job = _SKIPPED_JOB.search(line)
+            self.skipped_by_job[job.group(1) if job else "?"] += 1
+            return
+        if event is not None:
+            event["_arrived"] = arrived
+            event["_ts"] = _parse_ts(event.get("timestamp")) or arrived
+        super().on_line(line, event, arrived)
 
-    def wait(self, predicate: Callable[[], bool], timeout: float) -> bool:
-        """Waits for ``predicate`` (called under the event lock) or the process ending."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while not predicate():
-                left = deadline - time.monotonic()
-                if left <= 0 or self.proc.poll() is not None:
-                    return predicate()
-                self._cond.wait(min(left, 0.5))
-        return True
-
-    def wait_event(self, name: str, timeout: float) -> dict[str, Any] | None:
-        if not self.wait(lambda: self.counts[name] > 0, timeout):
+    def wait_event(self, name: str, timeout: float = 20.0,  # type: ignore[override]
+                   at_least: int = 1) -> dict[str, Any] | None:
+        """The first ``name`` record, or None if none came within ``timeout`` s (a benchmark
+        reports what it saw instead of failing)."""
+        if not self.wait(lambda: self.counts[name] >= at_least, timeout):
             return None
-        with self._cond:
-            return next(e for e in self.events if e.get("event") == name)
-
-    def count(self, name: str) -> int:
-        with self._cond:
-            return self.counts[name]
+        return self.named(name)[at_least - 1]
 
     def tail(self, n: int = 15) -> str:
         with self._cond:
             lines = [json.dumps({k: v for k, v in e.items() if not k.startswith("_")})
-                     for e in self.events[-n:]] + self.other[-n:]
-        return "\n".join(lines)
-
-    def signal(self, signum: int) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signum)
+                     for e in self.records[-n:]] + self.other[-n:]
+        return redact("\n".join(lines), self.secrets())
 
     def stop(self, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            rc = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            rc = self.proc.wait(10)
-        self._reader.join(5)
-        return rc
-
-    def __enter__(self) -> Daemon:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        return super().stop(timeout)
 
 
 def fmt_s(value: float | None, digits: int = 2) -> str:

@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         for phase in phases:
             results.append(run_phase(phase, opts.latency, opts.timeout, Path(tmp)))
     rows: list[tuple[str, str, str]] = []
+    unlimited = next((r for r in results if r.phase.label == "baseline"), None)
     for r in results:
         p = r.phase
         limit = "default 10" if p.rate is None else f"{p.rate:g}"
@@ -153,6 +154,14 @@ def main(argv: list[str] | None = None) -> int:
              f"{r.done} / {r.families}", "all"),
             (f"{p.label}: spawn -> last refresh answered", f"{r.spawn_to_last:.1f} s",
              f"< {GOAL_STORM_S:g} s" if p.label == "limited" and r.families >= 2000 else ""),
+            (f"{p.label}: x the limiter's floor (families / rate = "
+             f"{r.families / (p.rate or 10.0):.1f} s)"
+             + ("; x the unlimited `baseline` phase" if unlimited and unlimited is not r
+                else ""),
+             f"{r.spawn_to_last / (r.families / (p.rate or 10.0)):.2f}x"
+             + (f"; {r.spawn_to_last / unlimited.spawn_to_last:.2f}x"
+                if unlimited and unlimited is not r and unlimited.spawn_to_last > 0 else ""),
+             ""),
             (f"{p.label}: requests/s mean; **peak in any 1 s**; in any 100 ms",
              f"{mean:.1f}; **{r.peak_1s}**; {r.peak_100ms}", rate_goal),
             (f"{p.label}: max in flight at the server", str(r.in_flight), ""),

@@ -95,6 +95,12 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"daemon {name!r} did not start:\n{d.tail()}")
                     return 0
             time.sleep(opts.settle)
+            # state.json (where the sweep's phase is read) is written a publish delay after
+            # start: up to 5 s at 2,000 profiles, longer on a loaded machine.
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and \
+                    any(_next_sweep(h) is None for h in homes.values()):
+                time.sleep(0.2)
             phase = {n: _next_sweep(h) for n, h in homes.items()}
             w0 = time.time()
             before = {n: sample(d.pid) for n, d in daemons.items()}
@@ -130,6 +136,13 @@ def main(argv: list[str] | None = None) -> int:
         ("**sweep CPU per idle hour** (12 sweeps at 300 s)", f"{per_hour:.2f} s/h",
          f"< {GOAL_CPU_PER_HOUR:g} s/h"),
         ("idle CPU per hour of baseline (no sweep)", f"{base_cpu / span * 3600:.2f} s/h", ""),
+        # schedstat above sums live threads only: a thread that ended in the window (a
+        # coalesced publish's Timer) takes its CPU with it. utime+stime counts every thread
+        # the process ever had, at tick precision: the cross-check.
+        ("cross-check, utime+stime (all threads, ticks): one sweep; per idle hour",
+         f"{((b1.cpu - b0.cpu) - (a1.cpu - a0.cpu)) / n_sweeps * 1000:.0f} ms; "
+         f"{((b1.cpu - b0.cpu) - (a1.cpu - a0.cpu)) / n_sweeps * 3600 / DEFAULT_INTERVAL:.2f} "
+         "s/h" if n_sweeps else "n/a", ""),
         ("RSS: baseline / sweeping", f"{a1.rss_kb / 1024:.1f} / {b1.rss_kb / 1024:.1f} MB", ""),
         ("refresh requests", str(refreshes), "0"),
     ]

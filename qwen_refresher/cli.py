@@ -8,28 +8,28 @@ command fails the same way: one line on stderr naming what is wrong, and a meani
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import sys
-from collections.abc import Sequence
 
 from . import __version__
-from .errors import EX_USAGE
+from .report import EX_BROKEN_PIPE, EX_INTERRUPTED, EX_USAGE
 
 TYPE_CHECKING = False  # not `from typing import ...`: status must not pay for typing
 if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Sequence
     from typing import NoReturn
 
 #: subcommand -> module that provides ``add_parser(subparsers)`` (or ``add_parsers``).
 COMMANDS: dict[str, str] = {
     "run": "qwen_refresher.cli",
-    "status": "qwen_refresher.status",
-    "login": "qwen_refresher.login",
-    "install-service": "qwen_refresher.service",
-    "uninstall-service": "qwen_refresher.service",
-    "demo": "qwen_refresher.demo",
-    "config": "qwen_refresher.config_command",
+    "status": "qwen_refresher.commands.status",
+    "login": "qwen_refresher.commands.login",
+    "install-service": "qwen_refresher.commands.service",
+    "uninstall-service": "qwen_refresher.commands.service",
+    "demo": "qwen_refresher.commands.demo",
+    "config": "qwen_refresher.commands.config",
     "completion": "qwen_refresher.completion",
+    "fleet": "qwen_refresher.commands.fleet",
 }
 
 
@@ -63,12 +63,24 @@ def _add_settings_flags(p: argparse.ArgumentParser) -> None:
                    help="leave Qwen Code's ~/.qwen/oauth_creds.json alone")
     g.add_argument("--auto-login", action="store_const", const=True,
                    help="start a device-code login by itself when one is needed")
+    g.add_argument("--fleet", metavar="URLS",
+                   help="etcd client URLs, comma-separated: share families with other hosts "
+                        "(docs/fleet.md)")
+    g.add_argument("--fleet-namespace", help="etcd key prefix of this fleet")
+    g.add_argument("--fleet-secret-file", help="the fleet's secret (same file on every host)")
+    g.add_argument("--fleet-ca", help="CA bundle for etcd's TLS")
+    g.add_argument("--fleet-cert", help="client certificate for etcd")
+    g.add_argument("--fleet-key", help="client key for etcd")
+    g.add_argument("--fleet-user", help="etcd user")
+    g.add_argument("--fleet-password-file", help="file holding the etcd user's password")
 
 
 SETTINGS_FLAGS = ("stores", "state_dir", "token_url", "device_code_url", "client_id", "margin",
                   "jitter", "sweep_interval", "retry_max", "http_timeout", "lock_timeout",
                   "on_rotate", "on_needs_login", "listen", "log_format", "log_level", "poll",
-                  "discover", "qwen_code", "auto_login")
+                  "discover", "qwen_code", "auto_login", "fleet", "fleet_namespace",
+                  "fleet_secret_file", "fleet_ca", "fleet_cert", "fleet_key", "fleet_user",
+                  "fleet_password_file")
 
 
 def settings_overrides(args: argparse.Namespace) -> dict[str, object]:
@@ -112,23 +124,31 @@ def run_command(args: argparse.Namespace) -> int:
     return daemon.run_once() if args.once else daemon.run()
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse exits 2 on a usage error, which a health check would read as "needs login"
-    (``status`` exits 2 for that): usage errors exit 64 (EX_USAGE) instead."""
+def _parser_class() -> type[argparse.ArgumentParser]:
+    """argparse's parser, exiting 64 (EX_USAGE) on a usage error instead of 2, which a health
+    check would read as "needs login" (``status`` exits 2 for that). Built on first use:
+    argparse is not imported when ``status`` is parsed without it (``_fast_status``)."""
+    import argparse
 
-    def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
+    class _Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> NoReturn:
+            self.print_usage(sys.stderr)
+            self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
+
+    return _Parser
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    parser = _Parser(
+    import importlib
+
+    parser_class = _parser_class()
+    parser = parser_class(
         prog="qwen-refresher",
         description="Keeps OpenClaw's qwen-portal OAuth tokens fresh.",
     )
     parser.add_argument("-V", "--version", action="version",
                         version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=parser_class)
     loaded: set[str] = set()
     for name, module_name in COMMANDS.items():
         if only is not None and name != only:
@@ -146,27 +166,33 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from .errors import QwenRefresherError
+def _fast_status(arguments: list[str]) -> object | None:
+    """``status`` parsed without argparse when its argv is one of the plain forms health
+    checks use: argparse, its gettext and shutil cost about a third of ``status``'s run.
+    None for anything else (help, abbreviations, mistakes): argparse then parses it and says
+    what is wrong exactly as before (``tests/test_status.py`` holds the two to one result)."""
+    if arguments[:1] != ["status"]:
+        return None
+    from .commands.status import parse_simple
 
+    return parse_simple(arguments[1:])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
-    command = next((a for a in arguments if not a.startswith("-")), None)
-    parser = build_parser(command if command in COMMANDS else None)
-    args = parser.parse_args(arguments)
-    handler = getattr(args, "handler", None)
-    if handler is None:
-        parser.print_help(sys.stderr)
-        return EX_USAGE
+    args = _fast_status(arguments)
+    if args is None:
+        command = next((a for a in arguments if not a.startswith("-")), None)
+        parser = build_parser(command if command in COMMANDS else None)
+        args = parser.parse_args(arguments)
+        if getattr(args, "handler", None) is None:
+            parser.print_help(sys.stderr)
+            return EX_USAGE
+    handler = args.handler  # type: ignore[attr-defined]  # set by every command's parser
     try:
         return int(handler(args))
-    except QwenRefresherError as exc:
-        from .escape import printable
-
-        # Messages name files and profiles, which anyone who can create a directory chooses.
-        print(f"qwen-refresher: error: {printable(str(exc))}", file=sys.stderr)
-        return exc.exit_code
     except KeyboardInterrupt:
-        return 130
+        return EX_INTERRUPTED
     except BrokenPipeError:
         # `qwen-refresher status | head`: the reader left; not an error worth a traceback.
         # Point stdout at /dev/null so the interpreter's final flush cannot fail again.
@@ -174,7 +200,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
-        return 141
+        return EX_BROKEN_PIPE
+    except Exception as exc:
+        # errors is imported only when something failed: status must not pay for it.
+        from .errors import QwenRefresherError
+
+        if not isinstance(exc, QwenRefresherError):
+            raise
+        from .escape import printable
+
+        # Messages name files and profiles, which anyone who can create a directory chooses.
+        print(f"qwen-refresher: error: {printable(str(exc))}", file=sys.stderr)
+        return exc.exit_code
 
 
 if __name__ == "__main__":

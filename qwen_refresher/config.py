@@ -10,7 +10,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import shlex
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -19,20 +18,34 @@ from urllib.parse import urlsplit
 from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     SettingsError,
-    TomlConfigSettingsSource,
 )
 
-from . import paths
+from . import paths, settings_core
 from .durations import parse_duration
 from .errors import ConfigError
+from .qwen import constants as qwen_constants
+from .settings_core import ENV_PREFIX, config_file_in_use
 
-QWEN_TOKEN_URL = "https://chat.qwen.ai/api/v1/oauth2/token"
-QWEN_DEVICE_CODE_URL = "https://chat.qwen.ai/api/v1/oauth2/device/code"
-QWEN_CLIENT_ID = "f0304373b74a44d2b584a3fb70ca9e56"
-ENV_PREFIX = "QWEN_REFRESHER_"
+__all__ = [
+    "ENV_PREFIX",
+    "QWEN_CLIENT_ID",
+    "QWEN_DEVICE_CODE_URL",
+    "QWEN_TOKEN_URL",
+    "Settings",
+    "config_file_in_use",
+    "is_loopback_host",
+    "load_settings",
+    "parse_listen",
+]
+
+# Qwen's endpoints and client id have one home, ``qwen.constants``; these are the defaults.
+QWEN_TOKEN_URL = qwen_constants.TOKEN_URL
+QWEN_DEVICE_CODE_URL = qwen_constants.DEVICE_CODE_URL
+QWEN_CLIENT_ID = qwen_constants.CLIENT_ID
 
 Seconds = Annotated[float, BeforeValidator(parse_duration)]
 
@@ -143,6 +156,24 @@ class Settings(BaseSettings):
     notify_desktop: bool = True
     remind_interval: Seconds = 6 * 3600.0
     auto_login: bool = False
+    # -- fleet (issue 17, docs/fleet.md): one family on many hosts, coordinated through etcd --
+    #: etcd v3 client URLs, comma-separated (tried in order: failover); empty: no fleet
+    fleet: str = ""
+    fleet_namespace: str = "qwen-refresher"
+    #: the same secret file on every host (``qwen-refresher fleet init`` writes one, 0600)
+    fleet_secret_file: Path | None = None
+    fleet_ca: Path | None = None
+    fleet_cert: Path | None = None
+    fleet_key: Path | None = None
+    fleet_user: str | None = None
+    #: a file holding the etcd password (a password never travels in argv or env)
+    fleet_password_file: Path | None = None
+    #: this host's name in the fleet (status: "follower of HOST"); default: the host name
+    fleet_host_id: str = ""
+    fleet_timeout: Seconds = 3.0
+    fleet_lease_ttl: Seconds = 10.0
+    fleet_inflight_grace: Seconds = 30.0
+    fleet_probe_interval: Seconds = 15.0
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -192,6 +223,27 @@ class Settings(BaseSettings):
     def _state_dir(cls, value: Path) -> Path:
         return value.expanduser().absolute()
 
+    @field_validator("fleet")
+    @classmethod
+    def _fleet_urls(cls, value: str) -> str:
+        """etcd client URLs: https, or http on a literal loopback address (as token_url):
+        a man in the middle of plain http could fake a lock or a quorum."""
+        urls = [u.strip() for u in value.split(",") if u.strip()]
+        for url in urls:
+            parts = urlsplit(url)
+            if parts.scheme not in ("https", "http") or not parts.hostname:
+                raise ValueError(f"{url!r} is not an http(s) URL")
+            if parts.scheme == "http" and not is_loopback_host(parts.hostname):
+                raise ValueError(f"{url!r}: https is required except for a literal loopback "
+                                 "address")
+        return ",".join(urls)
+
+    @field_validator("fleet_secret_file", "fleet_ca", "fleet_cert", "fleet_key",
+                     "fleet_password_file")
+    @classmethod
+    def _fleet_path(cls, value: Path | None) -> Path | None:
+        return None if value is None else value.expanduser().absolute()
+
     @model_validator(mode="after")
     def _sane_timing(self) -> Settings:
         if self.sweep_interval < 1:
@@ -200,7 +252,22 @@ class Settings(BaseSettings):
             raise ValueError("http_timeout: must be greater than 0")
         if self.retry_max < 1:
             raise ValueError("retry_max: must be at least 1 second")
+        if self.fleet and self.fleet_secret_file is None:
+            raise ValueError("fleet_secret_file: needed with fleet (the same file on every "
+                             "host; 'qwen-refresher fleet init FILE' writes one)")
+        if self.fleet and not self.fleet_namespace.strip("/"):
+            raise ValueError("fleet_namespace: must not be empty")
+        if not 1 <= self.fleet_lease_ttl <= 3600 or self.fleet_timeout <= 0 \
+                or self.fleet_inflight_grace < self.fleet_lease_ttl \
+                or self.fleet_probe_interval < 0.1:
+            raise ValueError("fleet_lease_ttl (1 s - 1 h), fleet_timeout (> 0), "
+                             "fleet_inflight_grace (>= fleet_lease_ttl) and "
+                             "fleet_probe_interval (>= 0.1 s) are out of range")
         return self
+
+    @property
+    def fleet_urls(self) -> list[str]:
+        return [u for u in self.fleet.split(",") if u]
 
     @property
     def listen_address(self) -> tuple[str, int] | None:
@@ -220,53 +287,32 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        toml_file = _CONFIG_FILE.get("path")
+        doc = _CONFIG_FILE.get("doc")
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if toml_file is not None:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        if doc is not None:
+            sources.append(InitSettingsSource(settings_cls, init_kwargs=dict(doc)))
         return tuple(sources)
 
 
-# pydantic-settings builds sources per class; the file to read is chosen per load_settings call.
-_CONFIG_FILE: dict[str, Path | None] = {"path": None}
+# pydantic-settings builds sources per class; the file's content is chosen per load_settings
+# call (read once, by ``settings_core.read_config_file``, the reader status uses too).
+_CONFIG_FILE: dict[str, Mapping[str, Any] | None] = {"doc": None}
 
 
-def _check_toml(path: Path) -> None:
-    """Parse the file ourselves first so a syntax error names the file and the line.
-
-    Read with ``fileio.read_regular_file`` (a FIFO or a device there cannot hang start-up or
-    reload; 1 MiB cap); a symlink is followed, since dotfile managers link config files.
-    """
-    from .errors import StoreError
-    from .fileio import read_regular_file
-
+def read_toml(path: Path) -> dict[str, Any]:
+    """The config file through ``settings_core.read_config_file`` (the one reader: a FIFO or
+    a device there cannot hang start-up or reload, 1 MiB cap, a symlink followed as dotfile
+    managers need), every key checked against the settings; ``ConfigError`` naming the file
+    and the problem (or the unknown key) otherwise."""
     try:
-        data = read_regular_file(path.resolve(), 1024 * 1024, shown=path).data
-        doc = tomllib.loads(data.decode("utf-8"))
-    except StoreError as exc:
-        raise ConfigError("config", f"{path}: cannot be read: {exc.problem}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError("config", f"{path}: not valid TOML: {exc}") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError("config", f"{path}: not valid TOML: not UTF-8 (byte {exc.start})"
-                          ) from None
-    except OSError as exc:
-        raise ConfigError("config", f"{path}: cannot be read: {exc.strerror}") from None
+        doc = settings_core.read_config_file(path)
+    except settings_core.SettingsError as exc:
+        raise ConfigError(exc.setting, exc.problem) from None
     unknown = sorted(set(doc) - set(Settings.model_fields))
     if unknown:
         raise ConfigError(unknown[0], f"{path}: unknown setting (known: "
                                       f"{', '.join(sorted(Settings.model_fields))})")
-
-
-def config_file_in_use(config_file: Path | None, environ: Mapping[str, str]) -> Path | None:
-    """The TOML file a load reads: ``--config``, else ``QWEN_REFRESHER_CONFIG``, else the
-    default path if it exists. An explicitly named file is returned even when missing, so
-    that loading it fails with a clear error instead of silently using defaults."""
-    explicit = config_file or environ.get(ENV_PREFIX + "CONFIG")
-    if explicit:
-        return Path(explicit)
-    default = paths.default_config_file(environ)
-    return default if default.exists() else None
+    return doc
 
 
 def load_settings(
@@ -285,9 +331,7 @@ def load_settings(
     reset_reports()  # a (re)load names a still-broken openclaw.json again, once
     environ = os.environ if env is None else env
     path = config_file_in_use(config_file, environ)
-    if path is not None:
-        _check_toml(path)
-    _CONFIG_FILE["path"] = path
+    _CONFIG_FILE["doc"] = read_toml(path) if path is not None else None
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     saved_env = None
     if env is not None:
@@ -304,7 +348,7 @@ def load_settings(
         if saved_env is not None:
             os.environ.clear()
             os.environ.update(saved_env)
-        _CONFIG_FILE["path"] = None
+        _CONFIG_FILE["doc"] = None
 
 
 def _config_error(exc: ValidationError) -> ConfigError:

@@ -1,58 +1,118 @@
 """Every error qwen-refresher raises on purpose, in one tree.
 
 Keeping them in one module lets the CLI turn any of them into an exit code without knowing where
-it came from (the exit code travels with the exception, as in click), and lets callers catch a
-whole branch (``except StoreError``) without importing the modules that raise it.
+it came from, and lets callers catch a whole branch (``except StoreError``) without importing the
+modules that raise it. A failure *kind* is a class, never a message: each carries, as class
+attributes (as click does with ``exit_code``),
 
+- ``exit_code``: what the CLI exits with when the error ends a command;
+- ``metric_label``: the ``reason`` label of ``qwen_refresher_refresh_failures_total``;
+- ``result``: for kinds a refresh can end in, the engine ``Outcome.result`` it produces
+  (``transient``, ``rejected``, ``unavailable``, ``lock_timeout``, ``write_failed``), else None.
+
+The daemon reads these from ``Outcome.failure``; nothing decides anything from message text.
 Messages never contain a token: callers pass descriptions, never values, and the OAuth errors
-carry only what the server said after redaction.
+carry only what the server said after redaction. Stdlib only: ``status`` imports this module.
 
 ::
 
-    QwenRefresherError                 exit 1
-    ├── ConfigError                    exit 78 (EX_CONFIG): a bad setting, named
-    │   └── UnsafeStateDir             our state dir is not ours alone, or holds a non-file
-    ├── StoreError                     a store file we cannot use; names the file
-    │   ├── StoreUnreadable            missing, no permission, not a regular file, symlink escape
-    │   │   ├── FileMissing            it does not exist
-    │   │   └── FileRefused            fifo/socket/device/dir/symlink, too large, unsafe parent
-    │   ├── StoreMalformed             not JSON, wrong shape, wrong field types
-    │   ├── StoreWriteError            the rotated tokens could not be written (they are journaled)
-    │   │   └── OwnershipError         its owner could not be kept: refused, never changed
-    │   └── LockUnusable               (a StoreUnreadable) a FIFO, symlink... at a lock path
-    ├── LockTimeout                    someone else's live lock held past our patience
-    ├── AlreadyRunning                 exit 75: another daemon owns this state dir
-    ├── OAuthError                     the Qwen token endpoint did not give us tokens
-    │   ├── TransientOAuthError        worth retrying: network, timeout, 5xx, 429
-    │   │   └── UnusableAnswer         a 200 we cannot use: nothing is written, retried later
-    │   ├── RefreshTokenRejected       exit 2: only a new login helps
-    │   └── DeviceFlowError            exit 2: device code expired, denied or refused
-    └── ServiceError                   install-service / uninstall-service could not do its job
+    class                        exit  metric_label     result        what
+    QwenRefresherError             1   other            -             base of everything
+    ├── ConfigError               78   config           -             a bad setting, named
+    │   ├── UnsafeStateDir        78   config           -             state dir not ours alone
+    │   └── ConfigUnusable        78   config           -             openclaw.json unusable
+    ├── StoreError                 1   unavailable      unavailable   a store file we cannot use
+    │   ├── StoreUnreadable        1   unavailable      unavailable   missing, refused, no access
+    │   │   ├── FileMissing        1   unavailable      unavailable   it does not exist
+    │   │   ├── FileRefused        1   unavailable      unavailable   fifo/symlink/too large...
+    │   │   └── LockUnusable       1   unavailable      unavailable   not a file at a lock path
+    │   ├── StoreMalformed         1   unavailable      unavailable   not JSON, wrong shape
+    │   └── StoreWriteError        1   write_failed     write_failed  tokens not written (journaled)
+    │       ├── OwnershipError     1   write_failed     write_failed  owner could not be kept
+    │       └── LoginWriteError    1   write_failed     write_failed  a login missed some stores
+    ├── LockTimeout               75   lock_timeout     lock_timeout  a live lock held too long
+    ├── AlreadyRunning            75   already_running  -             another daemon, same state
+    ├── LoginTargetMissing        64   usage            -             login where OpenClaw never ran
+    ├── InternalError              1   internal         transient     a bug ended one refresh
+    ├── OAuthError                 1   other            -             no tokens from the endpoint
+    │   ├── TransientOAuthError    1   other            transient     retry later (a base)
+    │   │   ├── RateLimited        1   http_429         transient     HTTP 429
+    │   │   │   └── SlowDown       1   http_429         transient     device poll: slow_down
+    │   │   ├── ServerError        1   http_5xx         transient     HTTP 5xx
+    │   │   ├── UnexpectedStatus   1   http_4xx         transient     a 4xx that names no token
+    │   │   ├── RequestTimeout     1   timeout          transient     no answer within deadline
+    │   │   ├── NetworkError       1   network          transient     connect/reset/protocol
+    │   │   ├── NotSent            1   cancelled        transient     stopping: never sent
+    │   │   └── UnusableAnswer     1   bad_response     transient     a 200 we cannot use
+    │   │       └── RotatedUnusableAccess               transient     ...with a live new token
+    │   ├── RefreshTokenRejected   2   rejected         rejected      only a new login helps
+    │   └── DeviceFlowError        2   login_failed     -             code expired/denied
+    └── ServiceError               1   service          -             install-service failed
+
+A subclass shares its parent's label and result on purpose (a ``SlowDown`` *is* a rate limit);
+two unrelated kinds never share one (``tests/test_errors.py`` checks both).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-EX_OK = 0
-EX_FAILURE = 1
-EX_NEEDS_LOGIN = 2
-EX_NOT_RUNNING = 3
-EX_USAGE = 64
-EX_TEMPFAIL = 75
-EX_CONFIG = 78
+# The exit codes' one home is ``report`` (stdlib, shared with ``status``); re-exported here so
+# that an exception's code and a status verdict cannot drift apart.
+from .report import (
+    EX_BROKEN_PIPE,
+    EX_CONFIG,
+    EX_FAILURE,
+    EX_INTERRUPTED,
+    EX_NEEDS_LOGIN,
+    EX_NOT_RUNNING,
+    EX_OK,
+    EX_TEMPFAIL,
+    EX_USAGE,
+)
+
+TYPE_CHECKING = False  # not `from typing import ...`: status imports this module, and pays
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from typing import ClassVar, Literal
+
+    from .models import ProfileKey
+
+    #: The engine results a failure kind can end a refresh in (``engine.Result`` has the rest).
+    FailedResult = Literal["transient", "rejected", "unavailable", "lock_timeout",
+                           "write_failed"]
+
+__all__ = [
+    "EX_BROKEN_PIPE", "EX_CONFIG", "EX_FAILURE", "EX_INTERRUPTED", "EX_NEEDS_LOGIN",
+    "EX_NOT_RUNNING", "EX_OK", "EX_TEMPFAIL", "EX_USAGE", "OTHER",
+    "AlreadyRunning", "ConfigError", "ConfigUnusable", "DeviceFlowError", "FileMissing",
+    "FileRefused", "InternalError", "LockTimeout", "LockUnusable", "LoginTargetMissing",
+    "LoginWriteError", "NetworkError", "NotSent", "OAuthError", "OwnershipError",
+    "QwenRefresherError", "RateLimited", "RefreshTokenRejected", "RequestTimeout",
+    "RotatedUnusableAccess", "ServerError", "ServiceError", "SlowDown", "StoreError",
+    "StoreMalformed", "StoreUnreadable", "StoreWriteError", "TransientOAuthError",
+    "UnexpectedStatus", "UnsafeStateDir", "UnusableAnswer", "kinds", "refresh_failure_labels",
+    "refresh_results",
+]
+
+#: The label a failure nobody classified is counted under.
+OTHER = "other"
 
 
 class QwenRefresherError(Exception):
-    """Base of everything we raise on purpose; ``exit_code`` is what the CLI exits with."""
+    """Base of everything we raise on purpose; see the table in the module docstring."""
 
-    exit_code: int = EX_FAILURE
+    exit_code: ClassVar[int] = EX_FAILURE
+    metric_label: ClassVar[str] = OTHER
+    #: The engine result this kind ends a refresh in; None for kinds a refresh cannot end in.
+    result: ClassVar[FailedResult | None] = None
 
 
 class ConfigError(QwenRefresherError):
     """A setting is invalid. The message names the setting and the problem, in one line."""
 
     exit_code = EX_CONFIG
+    metric_label = "config"
 
     def __init__(self, setting: str, problem: str) -> None:
         self.setting = setting
@@ -60,8 +120,35 @@ class ConfigError(QwenRefresherError):
         super().__init__(f"invalid setting {setting}: {problem}")
 
 
+class UnsafeStateDir(ConfigError):
+    """Our own state dir is not ours alone (another owner, wider than 0700, a symlink, or a file
+    in it that is not a plain file): whoever can write there could plant symlinks that make us
+    truncate or append to their victim's files, or read our journal of live tokens. Exit 78."""
+
+    def __init__(self, path: Path | str, problem: str) -> None:
+        self.path = Path(path)
+        super().__init__("state_dir (QWEN_REFRESHER_STATE_DIR)", f"{path}: {problem}")
+
+
+class ConfigUnusable(ConfigError, ValueError):
+    """``openclaw.json`` cannot be used; the message names the problem (not the file).
+
+    Also a ValueError, as it was when it lived in ``discovery``: callers that caught it that
+    way keep working. ``str(exc)`` is the bare problem, which discovery's report prefixes with
+    the file.
+    """
+
+    def __init__(self, problem: str) -> None:
+        self.setting = "openclaw.json"
+        self.problem = problem
+        Exception.__init__(self, problem)
+
+
 class StoreError(QwenRefresherError):
     """A store file cannot be used. ``path`` is the file as the user knows it."""
+
+    metric_label = "unavailable"
+    result: ClassVar[FailedResult | None] = "unavailable"
 
     def __init__(self, path: Path | str, problem: str) -> None:
         self.path = Path(path)
@@ -92,12 +179,24 @@ class FileRefused(StoreUnreadable):
         self.file_type = file_type
 
 
+class LockUnusable(StoreUnreadable):
+    """Something that is not a regular file sits where a store's lock file belongs.
+
+    No program we share files with makes its lock that way, so waiting cannot clear it and
+    removing it could destroy something that is not ours; reading it could block (a FIFO) or
+    never end. ``path`` is the lock path; the store is skipped until a person removes the thing.
+    """
+
+
 class StoreMalformed(StoreError):
     """The file was read but is not a store we understand; we never write over it."""
 
 
 class StoreWriteError(StoreError):
     """Writing the store failed; the tokens we meant to write are kept in the journal."""
+
+    metric_label = "write_failed"
+    result: ClassVar[FailedResult | None] = "write_failed"
 
 
 class OwnershipError(StoreWriteError):
@@ -109,20 +208,25 @@ class OwnershipError(StoreWriteError):
     """
 
 
-class UnsafeStateDir(ConfigError):
-    """Our own state dir is not ours alone (another owner, wider than 0700, a symlink, or a file
-    in it that is not a plain file): whoever can write there could plant symlinks that make us
-    truncate or append to their victim's files, or read our journal of live tokens. Exit 78."""
+class LoginWriteError(StoreWriteError):
+    """Some target stores did not get the new login; ``written`` are the ones that did.
 
-    def __init__(self, path: Path | str, problem: str) -> None:
-        self.path = Path(path)
-        super().__init__("state_dir (QWEN_REFRESHER_STATE_DIR)", f"{path}: {problem}")
+    The new refresh token exists only in memory at this point, so the caller needs to know
+    where it landed: a store that has it keeps working (and the daemon copies it on to the
+    rest of the family), a store that does not still holds the refused token.
+    """
+
+    def __init__(self, path: Path | str, problem: str, written: list[ProfileKey]) -> None:
+        super().__init__(path, problem)
+        self.written = written
 
 
 class LockTimeout(QwenRefresherError):
     """A lock file stayed held by a live owner for longer than we are willing to wait."""
 
     exit_code = EX_TEMPFAIL
+    metric_label = "lock_timeout"
+    result: ClassVar[FailedResult | None] = "lock_timeout"
 
     def __init__(self, lock_path: Path, waited: float) -> None:
         self.lock_path = lock_path
@@ -130,19 +234,11 @@ class LockTimeout(QwenRefresherError):
         super().__init__(f"{lock_path}: still held by another process after {waited:.1f}s")
 
 
-class LockUnusable(StoreUnreadable):
-    """Something that is not a regular file sits where a store's lock file belongs.
-
-    No program we share files with makes its lock that way, so waiting cannot clear it and
-    removing it could destroy something that is not ours; reading it could block (a FIFO) or
-    never end. ``path`` is the lock path; the store is skipped until a person removes the thing.
-    """
-
-
 class AlreadyRunning(QwenRefresherError):
     """Two daemons on one state dir would refresh the same tokens against each other."""
 
     exit_code = EX_TEMPFAIL
+    metric_label = "already_running"
 
 
 class LoginTargetMissing(QwenRefresherError):
@@ -150,6 +246,19 @@ class LoginTargetMissing(QwenRefresherError):
     a machine without OpenClaw. Exit 64 (usage): name the store with ``--store``."""
 
     exit_code = EX_USAGE
+    metric_label = "usage"
+
+
+class InternalError(QwenRefresherError):
+    """A bug (an exception none of the kinds above describes) ended one refresh.
+
+    The daemon keeps running: the family is retried with back-off like a transient failure,
+    and the traceback is logged once. Never raised by our code on purpose; it is the kind the
+    daemon records for such a crash, so that it is counted under its own label.
+    """
+
+    metric_label = "internal"
+    result: ClassVar[FailedResult | None] = "transient"
 
 
 class OAuthError(QwenRefresherError):
@@ -157,12 +266,74 @@ class OAuthError(QwenRefresherError):
 
 
 class TransientOAuthError(OAuthError):
-    """Worth trying again later; ``retry_after`` is the server's ``Retry-After`` in seconds."""
+    """Worth trying again later; ``retry_after`` is the server's ``Retry-After`` in seconds.
+
+    Raised as one of its subclasses, which say *why*; the base itself is what a caller
+    catches, and what is left for a kind that none of them names (label "other").
+    """
+
+    result: ClassVar[FailedResult | None] = "transient"
 
     def __init__(self, reason: str, *, retry_after: float | None = None) -> None:
         self.reason = reason
         self.retry_after = retry_after
         super().__init__(reason)
+
+    def restated(self, reason: str) -> TransientOAuthError:
+        """The same failure (same kind, same ``retry_after``) told with more context: a caller
+        that adds what it was doing keeps the type, which is what decides."""
+        clone = type(self).__new__(type(self), reason)
+        clone.__dict__.update(self.__dict__)
+        clone.reason = reason
+        return clone
+
+
+class RateLimited(TransientOAuthError):
+    """HTTP 429: the server wants fewer requests; ``retry_after`` says when, if it said."""
+
+    metric_label = "http_429"
+
+
+class SlowDown(RateLimited):
+    """``poll_device_token`` raises this for ``slow_down``: poll 1.5x less often.
+
+    A rate limit, so a caller who only knows "retry later" still behaves;
+    ``QwenOAuthClient.wait_for_device_token`` handles it for you.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("token endpoint asked us to poll more slowly (slow_down)")
+
+
+class ServerError(TransientOAuthError):
+    """HTTP 5xx: the server's trouble, not the token's."""
+
+    metric_label = "http_5xx"
+
+
+class UnexpectedStatus(TransientOAuthError):
+    """A 4xx that does not name the refresh token (a WAF's 403, a moved endpoint's 404):
+    it says nothing about the token, so the credentials are kept and retried later."""
+
+    metric_label = "http_4xx"
+
+
+class RequestTimeout(TransientOAuthError):
+    """No (whole) answer within the request's deadline, or a connect that timed out."""
+
+    metric_label = "timeout"
+
+
+class NetworkError(TransientOAuthError):
+    """The connection could not be made, or broke without a valid answer."""
+
+    metric_label = "network"
+
+
+class NotSent(TransientOAuthError):
+    """The daemon is stopping and the request was never sent: nothing was spent."""
+
+    metric_label = "cancelled"
 
 
 class UnusableAnswer(TransientOAuthError):
@@ -172,6 +343,8 @@ class UnusableAnswer(TransientOAuthError):
     our token is spent and the retry's rejection ends in needs_login), or not (then the retry
     works): only the retry, after a back-off and a fresh read of the stores, can tell.
     """
+
+    metric_label = "bad_response"
 
 
 class RotatedUnusableAccess(UnusableAnswer):
@@ -193,6 +366,8 @@ class RefreshTokenRejected(OAuthError):
     """The server refused the refresh token itself: retrying the same token cannot succeed."""
 
     exit_code = EX_NEEDS_LOGIN
+    metric_label = "rejected"
+    result: ClassVar[FailedResult | None] = "rejected"
 
     def __init__(self, reason: str, *, status: int | None = None) -> None:
         self.reason = reason
@@ -204,7 +379,34 @@ class DeviceFlowError(OAuthError):
     """The device-code login ended without tokens (expired, denied, refused)."""
 
     exit_code = EX_NEEDS_LOGIN
+    metric_label = "login_failed"
 
 
 class ServiceError(QwenRefresherError):
     """Installing or removing the systemd unit failed."""
+
+    metric_label = "service"
+
+
+# --------------------------------------------------------------------------- the tree as data
+
+
+def kinds(root: type[QwenRefresherError] = QwenRefresherError,
+          ) -> Iterator[type[QwenRefresherError]]:
+    """Every kind under ``root`` (itself included), parents before children."""
+    yield root
+    for sub in root.__subclasses__():
+        yield from kinds(sub)
+
+
+def refresh_failure_labels() -> tuple[str, ...]:
+    """The ``reason`` labels a refresh can fail with: those of the kinds with a ``result``,
+    plus ``other``. The metrics pre-create exactly these, so no series exists that nothing
+    can produce."""
+    labels = {k.metric_label for k in kinds() if k.result is not None} - {OTHER}
+    return (*sorted(labels), OTHER)
+
+
+def refresh_results() -> tuple[str, ...]:
+    """The failed results a kind can produce (``transient``, ``rejected``, ...), sorted."""
+    return tuple(sorted({k.result for k in kinds() if k.result is not None}))

@@ -347,11 +347,14 @@ class HealthServer:
     ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
 
     def __init__(self, host: str, port: int, *, live_fn: Callable[[], bool],
-                 profiles_fn: Callable[[], list[ProfileStatus]], metrics: Metrics) -> None:
+                 profiles_fn: Callable[[], list[ProfileStatus]], metrics: Metrics,
+                 not_ready_fn: Callable[[], list[str]] | None = None) -> None:
         self.host = host
         self._port = port
         self.live_fn = live_fn
         self.profiles_fn = profiles_fn
+        #: Reasons beyond the profiles' (the fleet's etcd unreachable: nothing is refreshed).
+        self.not_ready_fn = not_ready_fn
         self.metrics = metrics
         self._loop: _EventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -384,6 +387,9 @@ class HealthServer:
             return self._healthz()
         if path == "/readyz":
             ready, reasons = readiness(self.profiles_fn(), time.time())
+            if self.not_ready_fn is not None:
+                reasons = [*reasons, *self.not_ready_fn()]
+                ready = not reasons
             return _json(200, {"ready": True}) if ready else \
                 _json(503, {"ready": False, "reasons": reasons})
         if path == "/metrics":

@@ -46,8 +46,14 @@ import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from . import escape
+
+if TYPE_CHECKING:
+    from .models import Credentials
+    from .stores.base import Store
 
 ENV_PREFIX = "QWEN_REFRESHER_"
 OPENCLAW_RELOAD = "openclaw secrets reload"
@@ -146,6 +152,31 @@ def printable(text: str) -> str:
 def _tail(text: str, limit: int = LOG_TAIL) -> str:
     text = text.strip()
     return text if len(text) <= limit else "..." + text[-limit:]
+
+
+def on_rotate_variables(event: str, written: Sequence[tuple[Store, str]],
+                        creds: Credentials) -> dict[str, str]:
+    """What ``on_rotate`` learns of a rotation, a sync or a login: the one rule for the daemon
+    (``runtime``), its resumed episodes after a restart, and ``qwen-refresher login``.
+
+    ``written`` is every (store, profile) that now holds ``creds``, in the caller's order.
+    ``STORE``/``PROFILE`` name the first *OpenClaw* store among them (the gateway reads those;
+    Qwen Code's file means nothing to it), else the first written; ``PROFILES`` lists them all
+    (``store#profile``, one a line). Names and times only: never a token. The values are raw;
+    ``hook_variables`` prefixes and escapes them for the environment (``run_hook`` does that).
+    """
+    if not written:
+        raise ValueError("on_rotate_variables: nothing was written")
+    store, profile = next(((s, p) for s, p in written if s.kind == "openclaw"), written[0])
+    return {
+        "EVENT": event,
+        "PROFILE": profile,
+        "STORE": str(store.path),
+        "EXPIRES_AT": datetime.fromtimestamp(creds.expires_at, UTC).strftime(
+            "%Y-%m-%dT%H:%M:%SZ"),
+        "EXPIRES_MS": str(creds.expires_ms),
+        "PROFILES": "\n".join(f"{s.path}#{p}" for s, p in written),
+    }
 
 
 def hook_variables(variables: Mapping[str, str]) -> dict[str, str]:

@@ -44,6 +44,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from .errors import LockTimeout, LockUnusable
+from .protocols import StopSignal
 
 #: OpenClaw's stale threshold for its lock files.
 OPENCLAW_STALE_SECONDS = 30.0
@@ -268,7 +269,7 @@ class FileLock:
         style: LockStyle,
         *,
         timeout: float = 40.0,
-        stop: threading.Event | None = None,
+        stop: StopSignal | None = None,
     ) -> None:
         self.lock_path = lock_path
         self.style = style

@@ -31,6 +31,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # ``status`` imports this module to redact its output: no typing, no logging
     from typing import Any, TextIO
 
+    from .protocols import Logger
+
 SECRET_KEYS = frozenset({
     "access", "refresh", "access_token", "refresh_token", "token", "device_code",
     "code_verifier", "authorization", "password", "secret", "key",
@@ -515,7 +517,10 @@ def _log_thread_crash(args: threading.ExceptHookArgs) -> None:
         exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
 
 
-def get_logger(**context: Any) -> Any:
+def get_logger(**context: Any) -> Logger:
+    """Our structlog logger, bound to ``context``: typed as the ``protocols.Logger`` seam
+    (structlog itself types it ``Any``)."""
     import structlog
 
-    return structlog.get_logger("qwen_refresher").bind(**context)
+    logger: Logger = structlog.get_logger("qwen_refresher").bind(**context)
+    return logger

@@ -21,18 +21,28 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
+from . import errors
 from .escape import printable
 from .state import ProfileStatus
 
 PREFIX = "qwen_refresher"
-#: What a refresh attempt can end as (engine results plus "adopted"); others count as "other".
-RESULTS = ("rotated", "adopted", "synced", "not_due", "transient", "rejected", "write_failed",
-           "lock_timeout", "unavailable")
-REASONS = ("network", "timeout", "http_5xx", "http_429", "bad_response", "rejected",
-           "lock_timeout", "write_failed", "other")
+#: How a counted refresh attempt can end: the runs that changed something, then every
+#: ``result`` a failure kind in ``errors`` can produce. ``not_due`` runs are not attempts and are
+#: not counted; anything else counts as "other".
+RESULTS = ("rotated", "adopted", "synced", *errors.refresh_results())
+#: Why an attempt failed: the ``metric_label`` of every failure kind that can end a refresh
+#: (``errors.refresh_failure_labels``), so the labels come from the types and each one is
+#: produced by some kind. ``Metrics`` reads the tree again when it is made, so that kinds
+#: defined in modules imported after this one (``fleet.errors``) are counted too.
+REASONS = errors.refresh_failure_labels()
 STATES = ("ok", "due", "refreshing", "retrying", "needs_login", "expired", "invalid_store")
 #: A token request takes well under a second; a lock wait or a slow server takes tens.
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0)
+
+
+def failure_label(failure: errors.QwenRefresherError | None) -> str | None:
+    """The ``reason`` label of a failed run's kind; None for a run that did not fail."""
+    return None if failure is None else failure.metric_label
 
 
 def _closed(value: str | None, allowed: tuple[str, ...]) -> str:
@@ -117,18 +127,21 @@ class Metrics:
         self.refresh_duration = Histogram(
             f"{PREFIX}_refresh_duration_seconds", "Time one refresh attempt took.",
             buckets=DURATION_BUCKETS, registry=self.registry)
-        for result in RESULTS:  # present from the start, so rate() sees the first increment
+        self.results = ("rotated", "adopted", "synced", *errors.refresh_results())
+        self.reasons = errors.refresh_failure_labels()
+        for result in self.results:  # present from the start, so rate() sees the first increment
             self.refresh_total.labels(result=result)
-        for reason in REASONS:
+        for reason in self.reasons:
             self.refresh_failures_total.labels(reason=reason)
         self.registry.register(ProfileCollector(profiles_fn))
 
     def refresh_finished(self, result: str, duration: float, reason: str | None = None) -> None:
-        """Count one attempt; ``reason`` (failures only) is one of ``REASONS``."""
-        self.refresh_total.labels(result=_closed(result, RESULTS)).inc()
+        """Count one attempt; ``reason`` (failures only) is one of ``REASONS``: the failure
+        kind's ``metric_label`` (``failure_label(outcome.failure)``)."""
+        self.refresh_total.labels(result=_closed(result, self.results)).inc()
         self.refresh_duration.observe(max(0.0, duration))
         if reason is not None:
-            self.refresh_failures_total.labels(reason=_closed(reason, REASONS)).inc()
+            self.refresh_failures_total.labels(reason=_closed(reason, self.reasons)).inc()
 
     def store_error(self, store: str) -> None:
         self.store_errors_total.labels(store=printable(store)).inc()

@@ -44,8 +44,9 @@ from .paths import shorten_home
 from .state import ProfileStatus
 
 if TYPE_CHECKING:
-    from .login import AssistedLogin
+    from .protocols import Logger
     from .qwen import DeviceAuthorization
+    from .runtime.relogin import AssistedLogin
     from .stores import Store
 
 Event = Literal["needs_login", "reminder", "recovered"]
@@ -277,7 +278,7 @@ class Notifier:
         self,
         settings: Settings,
         *,
-        log: Any,
+        log: Logger,
         assisted_login: AssistedLogin | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:

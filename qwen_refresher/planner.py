@@ -12,15 +12,13 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from tenacity import RetryCallState
-from tenacity.wait import wait_base, wait_exponential_jitter
-
 #: Never schedule two refreshes of one family closer than this, whatever the token says.
 MIN_INTERVAL = 0.25
 #: One generator for the process: seeding a new one per call costs a urandom read each.
 _RNG = random.Random()
 #: Never plan a retry sooner than this, even a moment before expiry: no tight loops.
 MIN_RETRY = 1.0
+
 
 @dataclass(frozen=True)
 class Timing:
@@ -56,24 +54,26 @@ def refresh_at(
     return max(target, now)
 
 
-class wait_retry_after(wait_base):
-    """tenacity's exponential back-off with jitter, never sooner than ``Retry-After`` and
-    never later than ``ceiling``.
+def exponential_jitter(attempt: int, *, cap: float, initial: float = 1.0, jitter: float = 1.0,
+                       rng: random.Random | None = None) -> float:
+    """Delay before retry number ``attempt`` (1 = first): ``initial * 2**(attempt-1)`` plus a
+    uniform jitter in ``[0, jitter)``, never more than ``cap``.
 
-    The ceiling wins over the server: a ``Retry-After`` of a day must not leave a token to
-    expire unrefreshed (the server's own rate limit is over long before the token is).
+    This is tenacity's ``wait_exponential_jitter``, computed plainly rather than by asking
+    tenacity. tenacity evaluates a wait strategy only inside its own retry loop, handing it a
+    ``RetryCallState``; it has no public call for "the wait before attempt n", and our retries
+    are not a loop (the wait becomes a job's next run time, so no thread or lock is held while
+    we wait). The old way, building a ``RetryCallState`` by hand and smuggling ``Retry-After``
+    into it, needed two ``type: ignore`` comments and leaned on tenacity internals. The formula is
+    tenacity's documented one; ``tests/test_planner.py`` checks it against tenacity's own
+    strategy, draw for draw. ``rng`` makes the jitter reproducible in tests.
     """
-
-    def __init__(self, cap: float, initial: float = 1.0, ceiling: float | None = None) -> None:
-        self._inner = wait_exponential_jitter(initial=initial, max=cap, jitter=initial)
-        self._ceiling = cap if ceiling is None else min(cap, ceiling)
-
-    def __call__(self, retry_state: RetryCallState) -> float:
-        delay = float(self._inner(retry_state))
-        retry_after = getattr(retry_state, "retry_after", None)
-        if isinstance(retry_after, int | float) and retry_after > delay:
-            delay = float(retry_after)
-        return min(delay, self._ceiling)
+    draw = (rng or _RNG).uniform(0.0, jitter) if jitter > 0 else 0.0
+    try:
+        delay = initial * 2.0 ** (max(1, attempt) - 1) + draw
+    except OverflowError:  # attempt in the thousands: the cap, as tenacity does
+        delay = cap
+    return max(0.0, min(delay, cap))
 
 
 def retry_ceiling(cap: float, expires_in: float | None) -> float:
@@ -86,15 +86,16 @@ def retry_ceiling(cap: float, expires_in: float | None) -> float:
 
 
 def backoff_delay(attempt: int, *, cap: float, retry_after: float | None = None,
-                  expires_in: float | None = None) -> float:
-    """Delay before retry number ``attempt`` (1 = first retry), at most
-    ``retry_ceiling(cap, expires_in)`` whatever ``Retry-After`` says.
+                  expires_in: float | None = None, rng: random.Random | None = None) -> float:
+    """Delay before retry number ``attempt`` (1 = first retry): the exponential back-off with
+    jitter (``exponential_jitter``), never sooner than the server's ``Retry-After``, and never
+    later than ``retry_ceiling(cap, expires_in)`` whatever ``Retry-After`` says.
 
-    ``expires_in`` is the seconds left before the token the retry is for expires.
-    Computed by tenacity's wait strategy rather than by sleeping inside tenacity, because the
-    wait becomes the job's next run time: no thread and no lock is held while we wait.
+    ``expires_in`` is the seconds left before the token the retry is for expires. The ceiling
+    wins over the server: a ``Retry-After`` of a day must not leave a token to expire
+    unrefreshed (the server's own rate limit is over long before the token is).
     """
-    state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
-    state.attempt_number = max(1, attempt)
-    state.retry_after = retry_after  # type: ignore[attr-defined]
-    return wait_retry_after(cap, ceiling=retry_ceiling(cap, expires_in))(state)
+    delay = exponential_jitter(attempt, cap=cap, rng=rng)
+    if retry_after is not None and retry_after > delay:
+        delay = float(retry_after)
+    return min(delay, retry_ceiling(cap, expires_in))

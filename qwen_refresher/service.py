@@ -40,26 +40,27 @@ Sandbox decisions, each one checked here rather than assumed:
   is ``$XDG_CONFIG_HOME``, not ``~/.local/state`` (later versions moved it); the installer
   creates our state dir (0700) and lists it in ``ReadWritePaths=`` instead.
 
+What store directories the sandbox leaves writable comes from ``settings_core`` (the daemon's
+own resolution and discovery, ``openclaw.json`` agent dirs included), so the service can write
+every store the daemon manages. The commands themselves (parse, ask, print) are
+``commands/service.py``; this module renders the unit and talks to systemd.
+
 Stdlib only, imported only when one of the two commands runs.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import secrets
 import shlex
 import shutil
 import subprocess
 import sys
-import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from . import hooks, paths
+from . import hooks, paths, settings_core
 from .errors import ServiceError
 
 UNIT_NAME = "qwen-refresher.service"
@@ -355,6 +356,8 @@ class Resolved:
     exec_start: tuple[str, ...]
     environment: list[tuple[str, str]]
     read_write_paths: list[Path]
+    #: the stores a daemon started by this unit manages now (``settings_core.store_paths``)
+    stores: list[Path]
     state_dir: Path
     openclaw_state_dir: Path
     qwen_home: Path
@@ -387,43 +390,27 @@ def resolve_exec_start(env: Mapping[str, str], argv0: str | None = None) -> tupl
     return (str(Path(sys.executable).absolute()), "-m", "qwen_refresher", "run")
 
 
-def _configured(env: Mapping[str, str], warnings: list[str]) -> tuple[Path | None, list[Path]]:
-    """``state_dir`` and ``stores`` as the daemon will read them: environment, then TOML.
+def configured(env: Mapping[str, str], warnings: list[str]) -> settings_core.CoreSettings:
+    """The daemon's own resolution of what it manages (``settings_core.resolve``: environment,
+    then the config file), as far as the sandbox needs it.
 
-    Read with the stdlib only (no pydantic), just far enough to know which directories the
-    sandbox must leave writable; the daemon validates the values properly when it starts.
+    A setting or file the daemon would refuse is a warning here, not a failure: the unit is
+    still written (the daemon names the problem and exits 78 when it starts), with what could
+    be read.
     """
-    state_dir: Path | None = None
-    stores: list[Path] = []
-    config_path = Path(env.get("QWEN_REFRESHER_CONFIG") or paths.default_config_file(env))
-    doc: dict[str, Any] = {}
-    if config_path.exists():
+    try:
+        core = settings_core.resolve(env)
+    except settings_core.SettingsError as exc:
+        warnings.append(f"{exc}; the service will fail to start until it is fixed")
         try:
-            with config_path.open("rb") as fh:
-                doc = tomllib.load(fh)
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            warnings.append(f"{config_path}: cannot be read ({exc}); the service will fail "
-                            "to start until it is fixed")
-    if "hook_runner" in doc:
-        warnings.append(f"{config_path} sets hook_runner, but the unit's {RUNNER_ENV} takes "
-                        "precedence; change it with `systemctl --user edit qwen-refresher` "
-                        f"([Service] / Environment={RUNNER_ENV}=...)")
-    raw_state = env.get("QWEN_REFRESHER_STATE_DIR") or doc.get("state_dir")
-    if isinstance(raw_state, str) and raw_state.strip():
-        state_dir = Path(raw_state.strip()).expanduser().absolute()
-    raw_stores: object = doc.get("stores")
-    env_stores = env.get("QWEN_REFRESHER_STORES", "").strip()
-    if env_stores:
-        try:
-            raw_stores = json.loads(env_stores)
-        except ValueError:
-            raw_stores = env_stores
-    if isinstance(raw_stores, str):
-        raw_stores = [raw_stores]
-    if isinstance(raw_stores, list):
-        stores = [Path(s).expanduser().absolute() for s in raw_stores
-                  if isinstance(s, str) and s.strip()]
-    return state_dir, stores
+            core = settings_core.resolve(env, file={})
+        except settings_core.SettingsError:
+            core = settings_core.CoreSettings(paths.default_state_dir(env))
+    if "hook_runner" in core.file:
+        warnings.append(f"{core.config_file} sets hook_runner, but the unit's {RUNNER_ENV} "
+                        "takes precedence; change it with `systemctl --user edit "
+                        f"qwen-refresher` ([Service] / Environment={RUNNER_ENV}=...)")
+    return core
 
 
 def _tool_dirs(env: Mapping[str, str], exec_start: Sequence[str]) -> tuple[list[str], str | None]:
@@ -467,20 +454,30 @@ def resolve(env: Mapping[str, str] | None = None, argv0: str | None = None) -> R
     exec_start = resolve_exec_start(e, argv0)
     openclaw_dir = paths.openclaw_state_dir(e)
     qwen_dir = paths.qwen_home(e)
-    configured_state, stores = _configured(e, warnings)
-    state_dir = configured_state or paths.default_state_dir(e)
+    core = configured(e, warnings)
+    state_dir = core.state_dir
 
     writable: list[Path] = [openclaw_dir]
     if any(e.get(v, "").strip() for v in ("OPENCLAW_AGENT_DIR", "PI_CODING_AGENT_DIR")):
         writable.append(paths.main_agent_dir(e))
+    problems: list[tuple[Path, str]] = []
+    if core.discover:
+        # Agent dirs set in openclaw.json, even before their store exists: a first login
+        # there must be writable by the sandboxed service.
+        writable += settings_core.configured_agent_dirs(e, problems)
     writable += [qwen_dir, state_dir]
-    # Store files elsewhere, and the targets of symlinked stores: OpenClaw's lock file is
+    # Exactly the stores the daemon will manage (settings_core.store_paths, the daemon's own
+    # discovery), and the targets of symlinked ones: OpenClaw's lock file is
     # ``<realpath>.lock`` and our atomic write puts its temporary file next to the target.
-    for store in [*stores, *paths.discover_openclaw_stores(e)]:
+    stores = [path for path, _ in core.store_paths(e)]
+    for store in stores:
         writable.append(store.parent)
         real = Path(os.path.realpath(store))
         if real != store:
             writable.append(real.parent)
+    for config, problem in problems:
+        warnings.append(f"{config} {problem}: agent dirs set in it (agents.list[].agentDir) "
+                        "are neither managed nor writable until it is fixed")
 
     path_dirs, openclaw_cli = _tool_dirs(e, exec_start)
     environment: list[tuple[str, str]] = [
@@ -500,6 +497,7 @@ def resolve(env: Mapping[str, str] | None = None, argv0: str | None = None) -> R
         exec_start=exec_start,
         environment=environment,
         read_write_paths=_writable_dirs(writable),
+        stores=stores,
         state_dir=state_dir,
         openclaw_state_dir=openclaw_dir,
         qwen_home=qwen_dir,
@@ -528,7 +526,7 @@ def default_unit_dir(env: Mapping[str, str] | None = None) -> Path:
 
 # --- talking to systemd ------------------------------------------------------------------------
 
-def _systemctl(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def systemctl(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     """``systemctl --user ARGS``; a failure becomes a ServiceError naming the command."""
     command = ["systemctl", "--user", *args]
     try:
@@ -613,16 +611,16 @@ def probe_sandbox() -> tuple[list[str] | None, str]:
     return refused, detail
 
 
-def _preflight() -> None:
+def preflight() -> None:
     """Reach the user manager before touching anything, so a failure leaves no half-install."""
-    _systemctl("show", "--property=Version")
+    systemctl("show", "--property=Version")
 
 
-def _lingering(user: str) -> bool:
+def lingering(user: str) -> bool:
     return (LINGER_DIR / user).exists()
 
 
-def _user_name() -> str:
+def user_name() -> str:
     try:
         import pwd
 
@@ -631,7 +629,7 @@ def _user_name() -> str:
         return os.environ.get("USER") or os.environ.get("LOGNAME") or "$USER"
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with tmp.open("w", encoding="utf-8") as fh:
@@ -645,7 +643,7 @@ def _write_atomic(path: Path, text: str) -> None:
         raise ServiceError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
-def _read_existing(path: Path) -> str | None:
+def read_existing(path: Path) -> str | None:
     if not path.exists() and not path.is_symlink():
         return None
     try:
@@ -654,187 +652,15 @@ def _read_existing(path: Path) -> str | None:
         return ""  # unreadable or a dangling symlink: certainly not a unit we wrote
 
 
-# --- the commands ------------------------------------------------------------------------------
-
-def _out(message: str) -> None:
-    print(message, flush=True)
+#: The commands' half, ``commands/service.py``, under its old names here.
+_COMMAND_NAMES = frozenset({"add_parsers", "install", "uninstall"})
 
 
-def _warn(message: str) -> None:
-    print(f"qwen-refresher: warning: {message}", file=sys.stderr, flush=True)
+def __getattr__(name: str) -> object:
+    """``service.add_parsers``/``install``/``uninstall`` live in ``commands.service``, which
+    imports this module: fetched lazily, no import cycle."""
+    if name in _COMMAND_NAMES:
+        from .commands import service as command
 
-
-def install(args: argparse.Namespace) -> int:
-    """Write the unit, reload systemd, optionally enable and start it."""
-    from . import __version__
-
-    resolved = resolve()
-    if not args.dry_run:
-        if not sys.platform.startswith("linux"):
-            raise ServiceError("systemd user services exist only on Linux; use --dry-run to "
-                               "see the unit, or run `qwen-refresher run` under your own "
-                               "supervisor")
-        _preflight()
-    every = [name for name, _ in NAMESPACE_SETTINGS]
-    omitted: list[str] = []
-    if args.sandbox == "basic":
-        omitted = every
-    elif args.sandbox == "auto":
-        refused, detail = probe_sandbox()
-        if refused is None:
-            _warn(f"could not check whether the full sandbox works here ({detail}); "
-                  "using it. If the service fails with 226/NAMESPACE, reinstall with "
-                  "--sandbox basic")
-        elif "PrivateUsers" in refused:
-            omitted = every
-            _warn("this user manager cannot run sandboxed user services (user namespaces are "
-                  "restricted); installing with the basic (seccomp-only) sandbox. "
-                  f"systemd said: {detail or 'no details'}")
-        elif refused:
-            omitted = refused
-            _warn("this user manager refuses " + ", ".join(f"{n}=" for n in refused) +
-                  " in a user service; installing the sandbox without them")
-    sandbox = ("basic" if "PrivateUsers" in omitted else
-               "full" if not omitted else "full except " + ", ".join(omitted))
-    runner = HOOK_RUNNER
-    if args.sandbox == "auto":
-        works, detail = probe_hook_runner()
-        if works is None and args.dry_run:
-            _warn(f"could not check whether hooks can run in units of their own ({detail}); "
-                  "assuming they can")
-        elif not works:
-            # With the manager reachable (preflight), "could not ask" means no session bus.
-            runner = ()
-            _warn("this user manager cannot run hooks in units of their own (`systemd-run "
-                  "--user --wait` failed: " + (detail or "no details") + "); installing "
-                  "without MemoryDenyWriteExecute= so that Node.js hooks (OpenClaw's CLI) "
-                  "still run. A D-Bus session bus (Debian/Ubuntu: dbus-user-session) fixes it")
-    hooks_line = ("in units of their own (systemd-run), MemoryDenyWriteExecute=yes" if runner
-                  else "inside the sandbox, without MemoryDenyWriteExecute=")
-    text = render_unit(unit_params(resolved, omitted, __version__, runner))
-    if args.dry_run:
-        sys.stdout.write(text)
-        for warning in resolved.warnings:
-            _warn(warning)
-        return 0
-
-    unit_dir = Path(args.unit_dir).expanduser().absolute() if args.unit_dir \
-        else default_unit_dir()
-    target = unit_dir / UNIT_NAME
-    existing = _read_existing(target)
-    if existing is not None and not is_ours(existing):
-        if not args.force:
-            raise ServiceError(f"{target} exists and was not written by qwen-refresher "
-                               "install-service; not overwriting it. Move it away, or pass "
-                               "--force to replace it (a copy is kept as "
-                               f"{UNIT_NAME}.bak)")
-        backup = target.with_name(UNIT_NAME + ".bak")
-        try:
-            shutil.copyfile(target, backup, follow_symlinks=True)
-        except OSError:
-            backup.write_text(existing, encoding="utf-8")
-        _out(f"Kept the previous unit as {backup}")
-    try:
-        unit_dir.mkdir(parents=True, exist_ok=True)
-        resolved.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ServiceError(f"cannot create {exc.filename}: {exc.strerror}") from None
-    changed = existing != text
-    if changed:
-        _write_atomic(target, text)
-    _out(f"{'Wrote' if changed else 'Unchanged:'} {target}")
-    _out(f"  runs: {' '.join(resolved.exec_start)}")
-    _out(f"  sandbox: {sandbox}")
-    _out(f"  hooks: {hooks_line}")
-    _systemctl("daemon-reload")
-    if args.now:
-        if existing is not None and changed:
-            _systemctl("try-restart", UNIT_NAME)  # a running old version picks up the new unit
-        _systemctl("enable", "--now", UNIT_NAME)
-        _out(f"Enabled and started {UNIT_NAME}.")
-    else:
-        if existing is not None and changed:
-            _out(f"If it is running, apply the new unit: systemctl --user restart {UNIT_NAME}")
-        _out(f"Start it now and at every login: systemctl --user enable --now {UNIT_NAME}")
-    for label, directory in (("OpenClaw state dir", resolved.openclaw_state_dir),
-                             ("Qwen Code dir", resolved.qwen_home)):
-        if "ProtectSystem" not in omitted and not directory.exists():
-            _out(f"Note: {label} {directory} does not exist yet; the service can write there "
-                 "only after a restart once it does.")
-    for warning in resolved.warnings:
-        _warn(warning)
-    user = _user_name()
-    if not _lingering(user):
-        _out("Note: user services stop when your last login session ends. To keep it running "
-             f"after logout and start it at boot: loginctl enable-linger {user}")
-    _out(f"Check it with: qwen-refresher status   Logs: journalctl --user -u {UNIT_NAME}")
-    return 0
-
-
-def uninstall(args: argparse.Namespace) -> int:
-    """Stop, disable and remove the unit; the state dir (history, journal) is kept."""
-    unit_dir = Path(args.unit_dir).expanduser().absolute() if args.unit_dir \
-        else default_unit_dir()
-    target = unit_dir / UNIT_NAME
-    existing = _read_existing(target)
-    if existing is None:
-        _out(f"{target} does not exist; nothing to remove.")
-        return 0
-    if not is_ours(existing) and not args.force:
-        raise ServiceError(f"{target} was not written by qwen-refresher install-service; not "
-                           "removing it. Pass --force to remove it anyway")
-    _preflight()
-    stopped = _systemctl("disable", "--now", UNIT_NAME, check=False)
-    if stopped.returncode != 0:
-        _warn(f"`systemctl --user disable --now {UNIT_NAME}` failed: "
-              f"{(stopped.stderr or stopped.stdout).strip() or stopped.returncode}; "
-              "removing the unit file anyway")
-    try:
-        target.unlink()
-    except OSError as exc:
-        raise ServiceError(f"cannot remove {target}: {exc.strerror}") from None
-    _systemctl("daemon-reload")
-    _systemctl("reset-failed", UNIT_NAME, check=False)
-    _out(f"Removed {target}.")
-    state_dir = _configured(os.environ, [])[0] or paths.default_state_dir()
-    _out(f"Kept the state dir {state_dir} (status history; a token journal if a write ever "
-         "failed) and any linger setting (`loginctl disable-linger` undoes that).")
-    return 0
-
-
-def add_parsers(subparsers: Any) -> None:
-    """Register ``install-service`` and ``uninstall-service`` (``argparse._SubParsersAction``)."""
-    p = subparsers.add_parser(
-        "install-service",
-        help="install the refresher as a systemd user service",
-        description="Write ~/.config/systemd/user/qwen-refresher.service for this "
-                    "installation and this user's OpenClaw, then `systemctl --user "
-                    "daemon-reload` (and `enable --now` with --now).",
-    )
-    p.add_argument("--now", action="store_true", help="also enable and start it")
-    p.add_argument("--force", action="store_true",
-                   help="replace a qwen-refresher.service that install-service did not write")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the unit and change nothing")
-    p.add_argument("--sandbox", choices=["auto", "full", "basic"], default="auto",
-                   help="auto (default): probe which sandbox settings this user manager "
-                        "allows and whether hooks can run in units of their own, and use "
-                        "those; full: every setting, no probe (systemd-analyze exposure 1.9); "
-                        "basic: only the settings that need no user namespace (seccomp "
-                        "filters, no new privileges; exposure 6.2), for managers that refuse "
-                        "one (226/NAMESPACE)")
-    p.add_argument("--unit-dir", help="directory to write the unit to "
-                                      "(default $XDG_CONFIG_HOME/systemd/user)")
-    p.set_defaults(handler=install)
-
-    u = subparsers.add_parser(
-        "uninstall-service",
-        help="stop and remove the systemd user service",
-        description="`systemctl --user disable --now`, remove the unit written by "
-                    "install-service, daemon-reload. Keeps the state dir.",
-    )
-    u.add_argument("--force", action="store_true",
-                   help="remove qwen-refresher.service even if install-service did not write it")
-    u.add_argument("--unit-dir", help="directory the unit is in "
-                                      "(default $XDG_CONFIG_HOME/systemd/user)")
-    u.set_defaults(handler=uninstall)
+        return getattr(command, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,7 +5,9 @@ talking to it: the daemon rewrites it atomically whenever something a person wou
 changes. ``journal.json`` (0600) holds rotated tokens only between the server's answer and the
 moment every store has them, so a crash or a read-only store never loses a rotation.
 ``daemon.lock`` is flock-ed by the running daemon: status asks the kernel, not a pid file,
-whether a daemon is alive. Stdlib only, because ``status`` reads it.
+whether a daemon is alive. The file names, the schema version and the one reader of
+``state.json`` and ``daemon.lock`` are ``published``'s (stdlib only, on ``status``'s fast path);
+this module is the daemon's side: the row types, the writers, the journal, the lock.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import os
 import secrets
 import stat
 from pathlib import Path
-from typing import Literal, NotRequired, TypedDict
+from typing import Any, Literal, NotRequired, TypedDict
 
 from .errors import AlreadyRunning, StoreError, UnsafeStateDir
 from .fileio import (
@@ -28,16 +30,51 @@ from .fileio import (
     read_regular_file,
 )
 
-#: Size caps for our own files: far above anything the daemon writes, far below harm.
-MAX_STATE_BYTES = 64 * 1024 * 1024
-MAX_JOURNAL_BYTES = 16 * 1024 * 1024
+# The schema constants and the reader live in ``published`` (one home, stdlib-only, shared
+# with ``status``); re-exported here for the daemon's side.
+from .published import (
+    DAEMON_LOCK,
+    JOURNAL_FILE,
+    LINEAGE_FILE,
+    MAX_JOURNAL_BYTES,
+    MAX_STATE_BYTES,
+    SALT_FILE,
+    SCHEMA_VERSION,
+    STATE_DIR_FILES,
+    STATE_FILE,
+    daemon_pid,
+    read_published,
+)
 
-SCHEMA_VERSION = 1
-STATE_FILE = "state.json"
-JOURNAL_FILE = "journal.json"
-SALT_FILE = "salt"
-LINEAGE_FILE = "lineage.log"
-DAEMON_LOCK = "daemon.lock"
+__all__ = [
+    "DAEMON_LOCK",
+    "JOURNAL_FILE",
+    "LINEAGE_FILE",
+    "MAX_JOURNAL_BYTES",
+    "MAX_STATE_BYTES",
+    "SALT_FILE",
+    "SCHEMA_VERSION",
+    "STATE_DIR_FILES",
+    "STATE_FILE",
+    "DaemonInfo",
+    "DaemonLock",
+    "HookStatus",
+    "JournalEntry",
+    "ProfileState",
+    "ProfileStatus",
+    "PublishedState",
+    "StoreStatus",
+    "check_state_dir",
+    "daemon_pid",
+    "ensure_state_dir",
+    "load_salt",
+    "read_journal",
+    "read_published",
+    "read_state",
+    "state_file",
+    "write_journal",
+    "write_state",
+]
 
 ProfileState = Literal[
     "ok", "due", "refreshing", "retrying", "needs_login", "expired", "invalid_store"
@@ -98,6 +135,8 @@ class PublishedState(TypedDict):
     stores: list[StoreStatus]
     #: Fingerprints the server rejected -> [when, reason]: never sent again after a restart.
     rejected: NotRequired[dict[str, list[float | str]]]
+    #: Fleet mode only (``fleet/runtime.py`` ``fleet_state``; read by ``fleet/published.py``).
+    fleet: NotRequired[dict[str, Any]]
 
 
 class JournalEntry(TypedDict):
@@ -118,15 +157,9 @@ def state_file(state_dir: Path) -> Path:
 
 
 def read_state(state_dir: Path) -> PublishedState | None:
-    """The daemon's last published state, or None if absent or unreadable."""
-    try:
-        data = read_regular_file(state_dir / STATE_FILE, MAX_STATE_BYTES).data
-        doc = json.loads(data)
-    except (StoreError, ValueError, RecursionError):
-        return None
-    if not isinstance(doc, dict) or doc.get("schema_version") != SCHEMA_VERSION:
-        return None
-    return doc  # type: ignore[return-value]
+    """The daemon's last published state, or None if absent or unreadable
+    (``published.read_published``: the one reader, shared with ``status``)."""
+    return read_published(state_dir)[0]
 
 
 def write_state(state_dir: Path, state: PublishedState) -> None:
@@ -183,9 +216,6 @@ def write_journal(state_dir: Path, entries: list[JournalEntry]) -> None:
     ensure_private_dir(state_dir)
     atomic_write(path, json.dumps({"entries": entries}).encode(), mode=0o600)
 
-
-#: Every file the daemon keeps in its state dir; each must be a plain file when present.
-STATE_DIR_FILES = (STATE_FILE, JOURNAL_FILE, SALT_FILE, LINEAGE_FILE, DAEMON_LOCK)
 
 
 def check_state_dir(state_dir: Path) -> None:
@@ -252,26 +282,3 @@ class DaemonLock:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-
-
-def daemon_pid(state_dir: Path) -> int | None:
-    """The running daemon's pid, or None when no daemon holds the lock."""
-    path = state_dir / DAEMON_LOCK
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None  # a FIFO or device planted there: no daemon of ours holds that
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raw = os.read(fd, 32).decode(errors="replace").strip()
-            return int(raw) if raw.isdigit() else -1
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
-
-

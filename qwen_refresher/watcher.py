@@ -48,11 +48,20 @@ EVENT_FILTER: list[type[FileSystemEvent]] = [
 ]
 
 
-def filesystem_type(path: Path) -> str | None:
-    """The type of the mount holding ``path``, from /proc/self/mounts (Linux only)."""
+def _mount_table() -> list[str] | None:
     try:
-        lines = Path("/proc/self/mounts").read_text().splitlines()
+        return Path("/proc/self/mounts").read_text().splitlines()
     except OSError:
+        return None
+
+
+def filesystem_type(path: Path, mounts: list[str] | None = None) -> str | None:
+    """The type of the mount holding ``path``, from /proc/self/mounts (Linux only).
+
+    ``mounts``: the table already read (``watch()`` reads it once for all its directories,
+    not once per directory: 1,000 agent dirs at start-up were 1,000 reads of it)."""
+    lines = mounts if mounts is not None else _mount_table()
+    if lines is None:
         return None
     best, best_type = "", None
     target = str(path.resolve())
@@ -105,8 +114,8 @@ class DirectoryWatcher:
         self._watches: dict[Path, Any] = {}
         self.mode: dict[Path, str] = {}
 
-    def _observer(self, directory: Path) -> Any:
-        poll = self._force_polling or filesystem_type(directory) in NETWORK_FS
+    def _observer(self, directory: Path, mounts: list[str] | None = None) -> Any:
+        poll = self._force_polling or filesystem_type(directory, mounts) in NETWORK_FS
         if not poll and self._native is None:
             try:
                 native = Observer()
@@ -131,10 +140,13 @@ class DirectoryWatcher:
                 with contextlib.suppress(KeyError, OSError):
                     observer.unschedule(watch)
                 self.mode.pop(directory, None)
+        mounts: list[str] | None = None
         for directory, recursive in wanted.items():
             if directory in self._watches or not directory.is_dir():
                 continue
-            observer = self._observer(directory)
+            if mounts is None:
+                mounts = _mount_table()
+            observer = self._observer(directory, mounts)
             handler = _Handler(self._callback, self._names)
             try:
                 watch = observer.schedule(handler, str(directory), recursive=recursive,

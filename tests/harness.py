@@ -12,14 +12,23 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from qwen_refresher.testing.daemon_proc import (
+    ROOT,
+    DaemonProc,
+    daemon_env,
+    redact,
+    run_argv,
+)
+
+__all__ = ["QWEN_PROFILE", "ROOT", "DaemonProcess", "OpenClawHome", "all_tokens",
+           "assert_no_secrets",
+           "openclaw_json", "qwen_profile", "qwen_store_doc", "refresh_of", "seed_qwen_store",
+           "stop_within", "wait_for"]
 
 
 def openclaw_json(doc: dict[str, Any]) -> bytes:
@@ -55,103 +64,52 @@ class OpenClawHome:
         return json.loads((path or self.store_path(agent)).read_bytes())
 
     def env(self, **extra: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("QWEN_REFRESHER_", "OPENCLAW_", "QWEN_HOME",
-                                    "NOTIFY_SOCKET", "WATCHDOG_"))}
-        env.update({
-            "HOME": str(self.home),
-            "OPENCLAW_STATE_DIR": str(self.state),
-            "XDG_STATE_HOME": str(self.root / "xdg-state"),
-            "XDG_CONFIG_HOME": str(self.root / "xdg-config"),
-            "QWEN_REFRESHER_STATE_DIR": str(self.our_state),
-            "QWEN_REFRESHER_LOG_FORMAT": "json",
-            "QWEN_REFRESHER_LISTEN": "",
-            "QWEN_REFRESHER_ON_ROTATE": "none",
-            "PYTHONUNBUFFERED": "1",
-        })
-        env.update(extra)
-        return env
+        """The daemon's environment (``daemon_proc.daemon_env``) for this home."""
+        return daemon_env(root=self.root, home=self.home, openclaw_state=self.state,
+                          our_state=self.our_state, **extra)
 
 
-class DaemonProcess:
-    """The real ``qwen-refresher run`` in a subprocess, its output gathered as it comes."""
+class DaemonProcess(DaemonProc):
+    """The real ``qwen-refresher run`` in a subprocess (``qwen_refresher.testing.daemon_proc``,
+    the one way tests and benchmarks start it), with this suite's defaults: a 3 s margin, no
+    jitter, ``home``'s environment, and failure messages redacted of every token ``fake``
+    issued. ``prefix`` (e.g. ``setpriv …``), ``preexec``, ``listen`` and ``entry`` pass through.
+    """
 
     def __init__(self, home: OpenClawHome, fake: Any, *args: str,
-                 env: dict[str, str] | None = None, margin: str = "3",
-                 jitter: str = "0") -> None:
+                 env: dict[str, str] | None = None, margin: str | None = "3",
+                 jitter: str | None = "0", **options: Any) -> None:
         self.home = home
-        argv = [sys.executable, "-m", "qwen_refresher", "run",
-                "--token-url", fake.token_url, "--device-code-url", fake.device_code_url,
-                "--margin", margin, "--jitter", jitter, *args]
-        self.proc = subprocess.Popen(
-            argv, cwd=ROOT, env=env or home.env(), stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, errors="replace",
-        )
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip("\n"))
-
-    @property
-    def output(self) -> str:
-        return "\n".join(self.lines)
+        argv = run_argv(fake, *args, margin=margin, jitter=jitter,
+                        **{k: options.pop(k) for k in ("listen", "entry", "prefix")
+                           if k in options})
+        super().__init__(argv, env=env or home.env(),
+                         secrets=lambda: all_tokens(fake) if hasattr(fake, "issued") else [],
+                         **options)
 
     def events(self) -> list[dict[str, Any]]:
-        out = []
-        for line in list(self.lines):
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(obj, dict):
-                out.append(obj)
-        return out
-
-    def has_event(self, name: str) -> bool:
-        return any(e.get("event") == name for e in self.events())
-
-    def wait_event(self, name: str, timeout: float = 20.0) -> dict[str, Any]:
-        wait_for(lambda: self.has_event(name) or self.proc.poll() is not None, timeout,
-                 f"event {name!r}", self)
-        for e in self.events():
-            if e.get("event") == name:
-                return e
-        raise AssertionError(f"daemon exited ({self.proc.returncode}) before {name!r}:\n"
-                             + self.output[-4000:])
-
-    def signal(self, signum: int = signal.SIGTERM) -> None:
-        self.proc.send_signal(signum)
+        """Every JSON log record so far (a copy: safe to keep while the daemon runs)."""
+        with self._cond:
+            return list(self.records)
 
     def stop(self, timeout: float = 15.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            rc = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            rc = self.proc.wait(5)
-        self._reader.join(5)
-        return rc
-
-    def __enter__(self) -> DaemonProcess:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        return super().stop(timeout)
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str,
-             daemon: DaemonProcess | None = None, interval: float = 0.05) -> None:
+             daemon: Any = None, interval: float = 0.05) -> None:
+    """Poll ``predicate`` until it holds; AssertionError after ``timeout`` s, quoting the
+    daemon's output (redacted) when one is given."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
         time.sleep(interval)
-    detail = ("\n--- daemon output ---\n" + daemon.output[-4000:]) if daemon else ""
+    detail = ""
+    if daemon is not None:
+        text = (daemon.diagnostic() if isinstance(daemon, DaemonProc)
+                else redact(daemon.output[-4000:]))
+        detail = "\n--- daemon output ---\n" + text
     raise AssertionError(f"timed out after {timeout}s waiting for {what}{detail}")
 
 

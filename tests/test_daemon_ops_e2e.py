@@ -62,27 +62,23 @@ def test_sighup_reloads_the_configuration(oc: OpenClawHome, fake: FakeQwen,
     seed(oc, fake, lifetime=40)
     config = tmp_path / "config.toml"
     config.write_text("margin = 1\n")
-    env = oc.env()
-    # No --margin flag here: flags win over the file, and the file is what we reload.
-    argv = [sys.executable, "-m", "qwen_refresher", "run", "--token-url", fake.token_url,
-            "--jitter", "0", "--config", str(config)]
-    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    try:
-        time.sleep(2)
+    # No --margin flag here: flags win over the file, and the file is what we reload. The
+    # SIGHUP waits for "started": sent before the handler is installed, it would kill.
+    with DaemonProcess(oc, fake, "--config", str(config), margin=None) as daemon:
+        daemon.wait_ready()
+        time.sleep(1)
         assert fake.refresh_requests() == []
         config.write_text("margin = 39\n")
-        proc.send_signal(signal.SIGHUP)
-        wait_for(lambda: len(fake.refresh_requests()) == 1, 10, "a refresh under the new margin")
+        daemon.signal(signal.SIGHUP)
+        wait_for(lambda: len(fake.refresh_requests()) == 1, 10, "a refresh under the new margin",
+                 daemon)
         config.write_text("margin = [broken\n")
-        proc.send_signal(signal.SIGHUP)
-        time.sleep(1)
-        assert proc.poll() is None, "a bad reload keeps the old settings and the daemon alive"
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=15)
-    assert proc.returncode == 0
-    assert '"event": "reloaded"' in out and '"event": "reload_failed"' in out
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_event("reload_failed")
+        time.sleep(0.5)
+        assert daemon.proc.poll() is None, "a bad reload keeps the old settings, the daemon alive"
+        assert daemon.stop() == 0
+    assert daemon.has_event("reloaded") and daemon.has_event("reload_failed")
 
 
 def test_polling_mode_notices_changes(oc: OpenClawHome, fake: FakeQwen) -> None:

@@ -3,8 +3,16 @@ from __future__ import annotations
 import random
 
 import pytest
+from tenacity import RetryCallState, Retrying
+from tenacity.wait import wait_exponential_jitter
 
-from qwen_refresher.planner import MIN_INTERVAL, Timing, backoff_delay, refresh_at
+from qwen_refresher.planner import (
+    MIN_INTERVAL,
+    Timing,
+    backoff_delay,
+    exponential_jitter,
+    refresh_at,
+)
 
 T = Timing(margin=900, jitter=60, retry_max=300)
 NOW = 1_800_000_000.0
@@ -78,3 +86,49 @@ def test_retry_after_never_pushes_past_the_expiry(
 def test_exponential_backoff_also_stops_at_the_expiry() -> None:
     assert backoff_delay(12, cap=300, expires_in=20.0) == 20.0
     assert backoff_delay(1, cap=300, expires_in=20.0) < 3
+
+
+# -- the back-off is tenacity's formula, computed without a hand-built RetryCallState ----------
+
+
+@pytest.mark.parametrize("attempt", [1, 2, 3, 5, 8, 9, 12, 40])
+def test_exponential_jitter_is_tenacitys_wait_draw_for_draw(attempt: int) -> None:
+    """Same formula, same random draw: tenacity's strategy (asked the way tenacity asks it,
+    inside a retry loop's state) and ours agree to the last bit."""
+    state = RetryCallState(Retrying(), None, (), {})
+    state.attempt_number = attempt
+    random.seed(attempt)
+    theirs = wait_exponential_jitter(max=300, jitter=1)(state)
+    ours = exponential_jitter(attempt, cap=300, rng=random.Random(attempt))
+    assert ours == theirs
+
+
+@pytest.mark.parametrize("attempt", [1, 2, 4, 6])
+def test_backoff_n_lies_between_two_to_the_n_minus_one_and_one_second_more(
+        attempt: int) -> None:
+    low = 2.0 ** (attempt - 1)
+    for seed in range(20):
+        delay = backoff_delay(attempt, cap=300, rng=random.Random(seed))
+        assert low <= delay < low + 1
+
+
+def test_a_seeded_backoff_is_reproducible() -> None:
+    a = [backoff_delay(n, cap=300, rng=random.Random(3)) for n in range(1, 8)]
+    b = [backoff_delay(n, cap=300, rng=random.Random(3)) for n in range(1, 8)]
+    assert a == b
+
+
+def test_huge_attempt_counts_and_odd_retry_after_values_stay_bounded() -> None:
+    assert exponential_jitter(5000, cap=300) == 300  # 2**4999 overflows a float
+    assert backoff_delay(5000, cap=300, retry_after=float("nan")) == 300
+    assert backoff_delay(1, cap=300, retry_after=-5.0) < 3
+    assert backoff_delay(0, cap=300) < 3  # attempt 0 counts as the first
+
+
+def test_the_planner_no_longer_builds_tenacity_state_by_hand() -> None:
+    import inspect
+
+    from qwen_refresher import planner
+
+    source = inspect.getsource(planner)
+    assert "RetryCallState(" not in source and "# type: ignore" not in source

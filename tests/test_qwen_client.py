@@ -26,8 +26,8 @@ from qwen_refresher.qwen import (
     QwenOAuthClient,
     SlowDown,
     TokenGrant,
-    _proxy_for,
     parse_retry_after,
+    proxy_for,
 )
 from qwen_refresher.stores.base import (
     FALLBACK_EXPIRES_IN,
@@ -247,7 +247,8 @@ def test_5xx_is_transient_without_retry_after(fake: FakeQwen, client: QwenOAuthC
     fake.inject(kind)
     with pytest.raises(errors.TransientOAuthError) as caught:
         client.refresh(refresh)
-    assert type(caught.value) is errors.TransientOAuthError
+    assert type(caught.value) is errors.ServerError
+    assert caught.value.metric_label == "http_5xx"
     assert caught.value.reason == f"HTTP {kind} from token endpoint"
     assert caught.value.retry_after is None
     assert client.refresh(refresh).access_token  # the token survived
@@ -258,6 +259,8 @@ def test_429_retry_after_seconds(fake: FakeQwen, client: QwenOAuthClient) -> Non
     fake.inject("429", retry_after=7)
     with pytest.raises(errors.TransientOAuthError) as caught:
         client.refresh(refresh)
+    assert type(caught.value) is errors.RateLimited
+    assert caught.value.metric_label == "http_429"
     assert caught.value.retry_after == 7.0
     assert "429" in caught.value.reason
 
@@ -304,6 +307,7 @@ def test_read_timeout_is_transient_and_fast() -> None:
         started = time.monotonic()
         with pytest.raises(errors.TransientOAuthError, match="timed out") as caught:
             client.refresh(refresh)
+        assert type(caught.value) is errors.RequestTimeout
         assert time.monotonic() - started < 2
         assert caught.value.retry_after is None
         assert_no_secret(caught.value, refresh)
@@ -316,6 +320,7 @@ def test_dropped_connection_is_transient(fake: FakeQwen, client: QwenOAuthClient
     fake.inject("drop")
     with pytest.raises(errors.TransientOAuthError, match="closed the connection") as caught:
         client.refresh(refresh)
+    assert type(caught.value) is errors.NetworkError
     assert_no_secret(caught.value, refresh)
     assert client.refresh(refresh).access_token
 
@@ -339,6 +344,8 @@ def test_connection_refused_is_transient() -> None:
     with QwenOAuthClient(url, url, QWEN_CLIENT_ID, timeout=1) as client:
         with pytest.raises(errors.TransientOAuthError, match="cannot connect") as caught:
             client.refresh("fakeref-secret-value")
+    assert type(caught.value) is errors.NetworkError
+    assert caught.value.metric_label == "network"
     assert_no_secret(caught.value, "fakeref-secret-value")
 
 
@@ -348,8 +355,10 @@ def test_broken_200_is_transient(fake: FakeQwen, client: QwenOAuthClient, kind: 
                                  match: str) -> None:
     _, refresh, _ = fake.issue_tokens()
     fake.inject(kind)
-    with pytest.raises(errors.TransientOAuthError, match=match):
+    with pytest.raises(errors.TransientOAuthError, match=match) as caught:
         client.refresh(refresh)
+    assert type(caught.value) is errors.UnusableAnswer
+    assert caught.value.metric_label == "bad_response"
     assert client.refresh(refresh).access_token
 
 
@@ -432,7 +441,8 @@ def test_other_4xx_is_transient_and_names_the_status(fake: FakeQwen, client: Qwe
     fake.inject(kind)
     with pytest.raises(errors.TransientOAuthError, match=f"HTTP {kind}") as caught:
         client.refresh(refresh)
-    assert type(caught.value) is errors.TransientOAuthError
+    assert type(caught.value) is errors.UnexpectedStatus
+    assert caught.value.metric_label == "http_4xx"
 
 
 def test_400_with_an_unrelated_error_is_transient(fake: FakeQwen,
@@ -537,6 +547,7 @@ def test_poll_5xx_is_transient(fake: FakeQwen, client: QwenOAuthClient) -> None:
     with pytest.raises(errors.TransientOAuthError) as caught:
         client.poll_device_token(auth)
     assert not isinstance(caught.value, SlowDown)
+    assert type(caught.value) is errors.ServerError
 
 
 def test_start_device_flow_failures(fake: FakeQwen, client: QwenOAuthClient) -> None:
@@ -802,8 +813,38 @@ def test_proxy_environment_still_applies_to_a_remote_https_url(
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
-    assert _proxy_for("https://chat.qwen.ai/t", "https://chat.qwen.ai/d") == \
+    assert proxy_for("https://chat.qwen.ai/t", "https://chat.qwen.ai/d") == \
         "http://proxy.example:3128"
-    assert _proxy_for("http://127.0.0.1:8/t", "http://127.0.0.1:8/d") is None
+    assert proxy_for("http://127.0.0.1:8/t", "http://127.0.0.1:8/d") is None
     monkeypatch.setenv("NO_PROXY", "chat.qwen.ai")
-    assert _proxy_for("https://chat.qwen.ai/t", "https://chat.qwen.ai/d") is None
+    assert proxy_for("https://chat.qwen.ai/t", "https://chat.qwen.ai/d") is None
+
+
+# ------------------------------------------------------------- one home for Qwen's facts
+
+
+def test_qwens_urls_and_client_id_live_in_one_place() -> None:
+    """The endpoints and client id are written once (``qwen/constants.py``); the settings'
+    defaults, the client and the fake server read them from there."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from qwen_refresher import config, qwen
+    from qwen_refresher.qwen import constants
+    from qwen_refresher.testing import fake_qwen
+
+    assert config.QWEN_CLIENT_ID == qwen.QWEN_CLIENT_ID == fake_qwen.QWEN_CLIENT_ID \
+        == constants.CLIENT_ID
+    assert config.QWEN_TOKEN_URL == qwen.DEFAULT_TOKEN_URL == constants.TOKEN_URL
+    package = Path(qwen.__file__).parent.parent
+    literals = (constants.CLIENT_ID, constants.TOKEN_URL, constants.DEVICE_CODE_URL)
+    holders = sorted(str(p.relative_to(package)) for p in package.rglob("*.py")
+                     if any(text in p.read_text(encoding="utf-8") for text in literals))
+    assert holders == ["qwen/constants.py"]
+    # The fake server (stdlib only) reads them without importing httpx.
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys, qwen_refresher.testing.fake_qwen; "
+                               "print('httpx' in sys.modules)"],
+        capture_output=True, text=True, timeout=60, check=True)
+    assert probe.stdout.strip() == "False"

@@ -25,8 +25,9 @@ from unittest import mock
 
 import pytest
 
+from qwen_refresher import published, status
 from qwen_refresher import state as state_mod
-from qwen_refresher import status
+from qwen_refresher.commands import status as command
 from qwen_refresher.state import DaemonLock, ProfileStatus, PublishedState, write_state
 from qwen_refresher.testing.fake_qwen import FakeQwen
 from tests.harness import (
@@ -393,12 +394,14 @@ def test_garbage_state_file_does_not_crash_status(env: Env) -> None:
 
 def test_fast_path_imports_nothing_heavy(env: Env) -> None:
     """Health checks run status every few seconds: no pydantic & co., and with a daemon that
-    has published since the stores changed, not even the store adapters or typing."""
+    has published since the stores changed, not even the store adapters, typing, argparse
+    (``cli._fast_status``) or pathlib (with urllib.parse and ipaddress, half a bare start)."""
     store = env.openclaw(6 * HOUR)
     env.hold_lock()
     env.publish([env.row(store)])
     code = imports_after(["status", "--quiet"],
-                         also=("qwen_refresher.stores", "typing", "dataclasses"))
+                         also=("qwen_refresher.stores", "typing", "dataclasses", "pathlib",
+                               "argparse", "qwen_refresher.errors", "qwen_refresher.paths"))
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env.env(),
                           capture_output=True, text=True, timeout=30)
     assert proc.stderr.strip() == "0 []", proc.stderr
@@ -587,19 +590,45 @@ def test_derive_state_margin() -> None:
     assert status.derive_state(1901.0, 1000.0, 900) == "ok"
 
 
-def test_lock_and_state_reading_agree_with_state_module(env: Env) -> None:
-    """status restates state.daemon_pid/read_state to stay light; they must not drift."""
+def test_one_reader_of_the_lock_and_the_state(env: Env) -> None:
+    """status, the daemon's state module and published are one reader now: the names are the
+    same objects (no restated copy that could drift), and they read what the daemon writes."""
+    assert status.daemon_pid is state_mod.daemon_pid is published.daemon_pid
+    assert status.read_published is state_mod.read_published is published.read_published
     assert (status.STATE_FILE, status.DAEMON_LOCK, status.SCHEMA_VERSION) == (
         state_mod.STATE_FILE, state_mod.DAEMON_LOCK, state_mod.SCHEMA_VERSION)
-    assert status.daemon_pid(env.state_dir) is None is state_mod.daemon_pid(env.state_dir)
+    assert status.daemon_pid(env.state_dir) is None
     assert status.read_published(env.state_dir) == (None, 0.0)
     env.hold_lock()
-    assert status.daemon_pid(env.state_dir) == os.getpid() == state_mod.daemon_pid(env.state_dir)
+    assert status.daemon_pid(env.state_dir) == os.getpid()
     env.publish([])
-    assert status.read_published(env.state_dir)[0] == state_mod.read_state(env.state_dir)
+    doc, mtime = status.read_published(env.state_dir)
+    assert doc == state_mod.read_state(env.state_dir) and doc is not None
+    assert mtime == (env.state_dir / "state.json").stat().st_mtime
     env.lock.release()  # type: ignore[union-attr]
     env.lock = None
-    assert status.daemon_pid(env.state_dir) is None is state_mod.daemon_pid(env.state_dir)
+    assert status.daemon_pid(env.state_dir) is None
+
+
+@pytest.mark.parametrize("argv", [
+    [], ["--json"], ["--quiet"], ["-q"], ["--no-color"], ["--json", "--no-color"],
+    ["--state-dir", "/s"], ["--state-dir=/s"], ["--state-dir="], ["--config", "c.toml", "-q"],
+    ["--store", "/a.json", "--store=/b.json"], ["--json", "--json"],
+])
+def test_the_fast_parser_gives_what_argparse_gives(argv: list[str]) -> None:
+    """``cli`` skips argparse for the plain forms health checks use (about a third of the
+    run); what it builds must be exactly what ``add_parser``'s parser builds."""
+    simple = command.parse_simple(argv)
+    assert simple is not None
+    assert simple.as_dict() == {k: v for k, v in vars(parse(*argv)).items()}
+
+
+@pytest.mark.parametrize("argv", [
+    ["--help"], ["-h"], ["--js"], ["--json", "--quiet"], ["--state-dir"], ["--state-dir", "-q"],
+    ["extra"], ["--store"], ["-qq"], ["--", "x"], ["--verbose"],
+])
+def test_everything_else_is_left_to_argparse(argv: list[str]) -> None:
+    assert command.parse_simple(argv) is None
 
 
 # -- against the real daemon ------------------------------------------------------------------
@@ -632,3 +661,63 @@ def test_against_the_real_daemon(env: Env, fake: FakeQwen) -> None:
     assert code == 3 and doc["daemon"]["running"] is False
     assert states(doc) == {"qwen-portal:default": "ok"}
     assert doc["profiles"][0]["family"] is not None  # remembered from the last publish
+
+
+def test_the_reused_row_encoder_writes_what_json_dumps_writes() -> None:
+    """``--json`` encodes rows with one reused C encoder (``_row_encoder``): byte for byte
+    what ``json.dumps`` gives, hostile strings, floats and nesting included."""
+    dumps_row = command._row_encoder()
+    rows: list[object] = [
+        {"a": 1.5, "b": None, "c": True, "d": [1, 2.25, "x"], "e": {"nested": "\u202e\x1b]52;"}},
+        {"profile": "qwen-portal:\ud800", "n": 10**20, "f": 1e-7, "t": "}, {\n\"quoted\""},
+        {}, [], "text", 3,
+    ]
+    for row in rows:
+        assert dumps_row(row) == json.dumps(row)
+
+
+def test_a_fleet_member_shows_the_fleet_and_exits_1_while_it_is_unavailable(env: Env) -> None:
+    """state.json's ``fleet`` part (``fleet.published.fleet_report``): its lines are shown, and
+    an unavailable fleet (no host refreshes anything) is a degradation, exit 1."""
+    store = env.openclaw(6 * HOUR)
+    env.hold_lock()
+    env.publish([env.row(store)])
+    doc = state_mod.read_state(env.state_dir)
+    assert doc is not None
+    for available, code in ((True, 0), (False, 1)):
+        fleet = {"host": "h1", "members": ["a", "b", "c"], "key": "k", "available": available,
+                 "unavailable_since": None if available else time.time() - 60,
+                 "problem": None if available else "no quorum"}
+        write_state(env.state_dir, {**doc, "fleet": fleet})  # type: ignore[typeddict-unknown-key]
+        got, out = env.json()
+        assert got == code and out["fleet"]["exit_code"] == code, out
+        assert out["fleet"]["lines"][0].startswith("fleet: this host is h1")
+        text = env.run().stdout
+        assert ("fleet unavailable since" in text) is (not available), text
+    write_state(env.state_dir, doc)
+    assert env.json()[1]["fleet"] is None
+
+
+@pytest.mark.parametrize("ts", [0.0, 1.9, 59.999, 86399.5, 86400.0, 951782400.0, 1_700_000_000.25,
+                                4_102_444_799.0, 1_764_720_000.75])
+def test_iso_is_strftimes_text(ts: float) -> None:
+    """``--json`` formats times by arithmetic after one ``strftime`` per day: the same text."""
+    assert command.iso(ts) == time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def test_json_rows_written_directly_are_json_dumps_text() -> None:
+    """``--json`` writes each row with one f-string (``_json_row``); it must be exactly
+    ``json.dumps`` of the row's dict, for every kind of value a coerced row can hold."""
+    now = 1_700_000_000.123
+    hook = {"ok": False, "at": now, "returncode": None, "timed_out": True, "output": "x\u202e\n",
+            "failing_since": now - 5, "failures": 3, "next_retry_at": None}
+    rows: list[ProfileStatus] = [
+        p("ok", next_in=3600.5), p("needs_login"), p("expired", "\ud800\x1b[2J\"q\"\\"),
+        {**p("retrying"), "agent": None, "family": "f" * 64, "expires_at": None,  # type: ignore[typeddict-item]
+         "last_refresh_at": now - 0.0004, "attempts": 7, "last_error": "é \u0000 boom",
+         "login_command": "openclaw models auth login", "hook": hook},
+        {**p("invalid_store", ""), "store": "/h/ä/auth-profiles.json"},  # type: ignore[typeddict-item]
+    ]
+    rows[1]["login_command"] = "openclaw models auth login --provider qwen-portal"
+    for row in rows:
+        assert command._json_row(row, now) == json.dumps(command._json_profile(row, now))

@@ -136,3 +136,123 @@ def test_other_files_are_dropped(watched: tuple[Path, Heard, list[int]]) -> None
     store.write_text('{"version": 1}\n')  # a marker: once it is heard, the rest was too
     assert heard.wait_for(lambda ps: store in ps)
     assert transcript not in heard.paths
+
+
+# -- re-arming, our own files, polling, stop (helper T) ----------------------------------------
+
+
+def _store_in(root: Path, agent: str = "main") -> Path:
+    (root / agent / "agent").mkdir(parents=True, exist_ok=True)
+    store = root / agent / "agent" / NAME
+    store.write_text('{"version": 1, "profiles": {}}\n')
+    return store
+
+
+def test_lock_files_are_dropped_and_our_temp_rename_is_heard_as_the_store(
+        watched: tuple[Path, Heard, list[int]]) -> None:
+    """The engine writes ``.auth-profiles.json.<hex>.tmp`` and renames it into place, taking
+    ``auth-profiles.json.lock`` around it: only the store itself may reach the daemon."""
+    store, heard, _ = watched
+    heard.clear()
+    lock = store.with_name(NAME + ".lock")
+    lock.write_text('{"pid": 1}')
+    lock.unlink()
+    tmp = store.with_name(f".{NAME}.0123456789ab.tmp")
+    tmp.write_text('{"version": 1, "profiles": {"c": {}}}\n')
+    os.replace(tmp, store)
+    assert heard.wait_for(lambda ps: store in ps)
+    time.sleep(0.2)  # anything else queued has arrived by now
+    assert set(heard.paths) == {store}, heard.paths
+
+
+def test_watch_rearms_to_exactly_the_set_given(tmp_path: Path) -> None:
+    first, second = _store_in(tmp_path / "one"), _store_in(tmp_path / "two")
+    heard = Heard()
+    watcher = DirectoryWatcher(heard, [NAME])
+    try:
+        watcher.watch({first.parent: False})
+        assert watcher.mode == {first.parent: "inotify"}
+        watcher.watch({second.parent: False})  # the first is dropped, the second armed
+        assert watcher.mode == {second.parent: "inotify"}
+        time.sleep(0.1)
+        first.write_text("{}\n")
+        second.write_text("{}\n")
+        assert heard.wait_for(lambda ps: second in ps)
+        time.sleep(0.2)
+        assert first not in heard.paths
+    finally:
+        watcher.stop()
+
+
+def test_a_missing_directory_is_skipped_until_it_exists(tmp_path: Path) -> None:
+    later = tmp_path / "later" / "agent"
+    heard = Heard()
+    watcher = DirectoryWatcher(heard, [NAME])
+    try:
+        watcher.watch({later: False})
+        assert watcher.mode == {}
+        later.mkdir(parents=True)
+        watcher.watch({later: False})
+        assert watcher.mode == {later: "inotify"}
+        (later / NAME).write_text("{}\n")
+        assert heard.wait_for(lambda ps: later / NAME in ps)
+    finally:
+        watcher.stop()
+
+
+def test_a_non_recursive_watch_does_not_hear_subdirectories(tmp_path: Path) -> None:
+    agents = tmp_path / "agents"
+    deep = _store_in(agents)
+    top = agents / NAME  # a store-named file directly in the watched directory
+    heard = Heard()
+    watcher = DirectoryWatcher(heard, [NAME])
+    try:
+        watcher.watch({agents: False})
+        time.sleep(0.1)
+        deep.write_text("{}\n")
+        top.write_text("{}\n")
+        assert heard.wait_for(lambda ps: top in ps)
+        time.sleep(0.2)
+        assert deep not in heard.paths
+        watcher.watch({agents: True})  # recursive now: re-armed, the deep store is heard
+        time.sleep(0.1)
+        heard.clear()
+        deep.write_text('{"version": 1}\n')
+        assert heard.wait_for(lambda ps: deep in ps)
+    finally:
+        watcher.stop()
+
+
+def test_polling_hears_writes_but_never_reads(tmp_path: Path) -> None:
+    """The fallback for network file systems compares stat snapshots: a write (new mtime or
+    size) is a change, a read is not; open/close events never exist there."""
+    store = _store_in(tmp_path / "agents")
+    heard = Heard()
+    watcher = DirectoryWatcher(heard, [NAME], force_polling=True, poll_interval=0.1)
+    try:
+        watcher.watch({store.parent: False})
+        assert watcher.mode == {store.parent: "polling"}
+        time.sleep(0.3)  # the first snapshot is taken
+        for _ in range(20):
+            store.read_bytes()
+        time.sleep(0.4)  # several polls
+        assert heard.paths == [], f"a read was reported as a change: {heard.paths}"
+        store.write_text('{"version": 1, "profiles": {"a": {}}}\n')
+        assert heard.wait_for(lambda ps: store in ps, timeout=3)
+    finally:
+        watcher.stop()
+
+
+def test_after_stop_nothing_is_heard_and_the_threads_are_gone(tmp_path: Path) -> None:
+    store = _store_in(tmp_path / "agents")
+    heard = Heard()
+    before = set(threading.enumerate())
+    watcher = DirectoryWatcher(heard, [NAME])
+    watcher.watch({store.parent: False})
+    started = set(threading.enumerate()) - before
+    assert started, "the watcher started no thread"
+    watcher.stop()
+    store.write_text("{}\n")
+    time.sleep(0.3)
+    assert heard.paths == []
+    assert not any(t.is_alive() for t in started)

@@ -72,6 +72,8 @@ from types import FrameType, TracebackType
 from typing import IO, Any, Self
 from urllib.parse import parse_qs, urlencode, urlsplit
 
+from qwen_refresher.qwen.constants import CLIENT_ID
+
 __all__ = [
     "DEVICE_CODE_PATH",
     "DEVICE_GRANT_TYPE",
@@ -91,7 +93,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-QWEN_CLIENT_ID = "f0304373b74a44d2b584a3fb70ca9e56"
+#: The client id the real server expects, from its one home (stdlib: no httpx is imported).
+QWEN_CLIENT_ID = CLIENT_ID
 DEVICE_GRANT_TYPE = "urn:ietf:params:oauth:grant-type:device_code"
 TOKEN_PATH = "/api/v1/oauth2/token"
 DEVICE_CODE_PATH = "/api/v1/oauth2/device/code"

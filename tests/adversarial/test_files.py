@@ -16,7 +16,6 @@ import stat
 import subprocess
 import sys
 import tempfile
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -467,17 +466,7 @@ def run_as_nobody_beside_a_root_owned_store(base: Path, fast: FakeQwen) -> None:
     env = oc.env(QWEN_REFRESHER_STATE_DIR=str(oc.home / "state"),
                  XDG_CONFIG_HOME=str(oc.home / "xdg-config"),
                  XDG_STATE_HOME=str(oc.home / "xdg-state"))
-    argv = [*as_nobody, sys.executable, "-m", "qwen_refresher", "run",
-            "--token-url", fast.token_url, "--device-code-url", fast.device_code_url,
-            "--margin", "3", "--jitter", "0"]
-    daemon = DaemonProcess.__new__(DaemonProcess)
-    daemon.home = oc
-    daemon.proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True, errors="replace")
-    daemon.lines = []
-    daemon._reader = threading.Thread(target=daemon._read, daemon=True)
-    daemon._reader.start()
-    with daemon:
+    with DaemonProcess(oc, fast, env=env, prefix=as_nobody) as daemon:
         daemon.wait_event("started", timeout=20)
         keeps_refreshing(daemon, fast, good, times=2)
         bad = [e for e in events(daemon, "store_invalid") if "rooted" in str(e.get("store"))]

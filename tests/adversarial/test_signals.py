@@ -56,15 +56,7 @@ class ConfigDaemon(DaemonProcess):
     win over the file, and the file is what a reload reads)."""
 
     def __init__(self, home: OpenClawHome, fake: FakeQwen, config: Path) -> None:
-        self.home = home
-        argv = [sys.executable, "-m", "qwen_refresher", "run", "--token-url", fake.token_url,
-                "--device-code-url", fake.device_code_url, "--jitter", "0",
-                "--config", str(config)]
-        self.proc = subprocess.Popen(argv, cwd=ROOT, env=home.env(), stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, errors="replace")
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        super().__init__(home, fake, "--config", str(config), margin=None)
 
 
 @pytest.fixture

@@ -1,10 +1,10 @@
 """Shared pieces of the reliability suites: a daemon runner, figures, secret checks, lineage.
 
-``Daemon`` is ``tests.harness.DaemonProcess`` with what these suites need on top: it parses
-the JSON log as it arrives (long runs produce tens of thousands of lines), can be killed with
-SIGKILL, can start with reduced privileges (``preexec``: the unreadable-file case needs a
-daemon that root's file-permission override does not apply to), and knows the address its
-health endpoint bound to (``--listen 127.0.0.1:0``, from the ``health_listening`` event).
+``Daemon`` is ``qwen_refresher.testing.daemon_proc.DaemonProc`` (the one way tests and
+benchmarks start the daemon, which parses the JSON log as it arrives, can SIGKILL, and knows the
+health endpoint's address) with these suites' defaults: ``--listen 127.0.0.1:0``, reduced
+privileges on request (``preexec``: the unreadable-file case needs a daemon that root's
+file-permission override does not apply to) and the log teed to a file.
 """
 
 from __future__ import annotations
@@ -15,22 +15,19 @@ import hashlib
 import json
 import os
 import re
-import signal
 import stat
 import subprocess
 import sys
-import threading
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
+from qwen_refresher.testing.daemon_proc import DaemonProc, run_argv
 from qwen_refresher.testing.fake_qwen import FakeQwen, IssuedTokens
 from tests.harness import ROOT, OpenClawHome, all_tokens, assert_no_secrets
+from tests.harness import wait_for as wait_for  # re-exported: the suites import it from here
 
 HERE = Path(__file__).resolve().parent
 LAST_RUN = HERE / "last-run.json"
@@ -73,150 +70,27 @@ def invocation_command(args: Sequence[str]) -> str:
     return " ".join([".venv/bin/pytest", *args])
 
 
-class HasOutput(Protocol):
-    @property
-    def output(self) -> str: ...
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str,
-             daemon: HasOutput | None = None, interval: float = 0.05) -> None:
-    """``tests.harness.wait_for`` for any daemon runner (ours or the harness's)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(interval)
-    detail = ("\n--- daemon output ---\n" + daemon.output[-4000:]) if daemon else ""
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}{detail}")
-
-
 # -- the daemon ---------------------------------------------------------------------------------
 
 
-class Daemon:
-    """``python -m qwen_refresher run`` as a subprocess, its JSON log parsed as it comes."""
+class Daemon(DaemonProc):
+    """``python -m qwen_refresher run`` (``qwen_refresher.testing.daemon_proc``, the one way
+    tests and benchmarks start it) with what these suites add: ``--listen 127.0.0.1:0`` by
+    default (``health_address``/``http_get`` find the port), reduced privileges (``preexec``),
+    the output teed to ``log_file``, ``events`` as the live list of parsed records."""
 
     def __init__(self, home: OpenClawHome, fake: FakeQwen, *args: str,
                  env: dict[str, str] | None = None,
                  preexec: Callable[[], None] | None = None,
                  listen: bool = True, log_file: Path | None = None) -> None:
-        argv = [PYTHON, "-m", "qwen_refresher", "run", "--token-url", fake.token_url,
-                "--device-code-url", fake.device_code_url,
-                *(["--listen", "127.0.0.1:0"] if listen else []), *args]
-        self.started_at = time.time()
-        self.proc = subprocess.Popen(
-            argv, cwd=ROOT, env=env or home.env(), stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, errors="replace", preexec_fn=preexec)
-        self.lines: list[str] = []
-        self.events: list[dict[str, Any]] = []
-        self._log = log_file.open("a", encoding="utf-8") if log_file is not None else None
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:  # kept whole in memory: the checks read all of it
-            line = raw.rstrip("\n")
-            self.lines.append(line)
-            if self._log is not None:
-                self._log.write(raw)
-                self._log.flush()
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(obj, dict):
-                self.events.append(obj)
+        argv = run_argv(fake, *args, listen="127.0.0.1:0" if listen else None)
+        super().__init__(argv, env=env or home.env(), preexec=preexec, log_file=log_file,
+                         secrets=lambda: all_tokens(fake))
 
     @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    @property
-    def output(self) -> str:
-        return "\n".join(self.lines)
-
-    def named(self, name: str) -> list[dict[str, Any]]:
-        return [e for e in list(self.events) if e.get("event") == name]
-
-    def count(self, name: str) -> int:
-        return sum(1 for e in list(self.events) if e.get("event") == name)
-
-    def wait_event(self, name: str, timeout: float = 20.0, at_least: int = 1) -> dict[str, Any]:
-        wait_for(lambda: self.count(name) >= at_least or self.proc.poll() is not None,
-                 timeout, f"event {name!r} x{at_least}", self)
-        found = self.named(name)
-        if len(found) < at_least:
-            raise AssertionError(f"daemon exited ({self.proc.returncode}) before {name!r}:\n"
-                                 + self.output[-4000:])
-        return found[at_least - 1]
-
-    def tracebacks(self) -> tuple[int, int]:
-        """Tracebacks printed (before, after) the daemon logged ``stopping``.
-
-        After ``stopping``, APScheduler 3.11's ``shutdown(wait=False)`` can race its own job
-        processing thread (JobLookupError); that noise is counted apart from real crashes.
-        """
-        before = after = 0
-        stopping = False
-        for line in list(self.lines):
-            if '"event": "stopping"' in line:
-                stopping = True
-            elif line.startswith("Traceback"):
-                if stopping:
-                    after += 1
-                else:
-                    before += 1
-        return before, after
-
-    @property
-    def health_address(self) -> str | None:
-        for event in self.named("health_listening"):
-            return str(event["address"])
-        return None
-
-    def http_get(self, path: str, timeout: float = 5.0) -> tuple[int, str]:
-        address = self.health_address
-        assert address is not None, "the daemon does not listen (no health_listening event)"
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        try:
-            with opener.open(f"http://{address}{path}", timeout=timeout) as response:
-                return int(response.status), response.read().decode("utf-8", "replace")
-        except urllib.error.HTTPError as exc:
-            return int(exc.code), exc.read().decode("utf-8", "replace")
-
-    def kill(self) -> float:
-        """SIGKILL; returns the time the signal was sent (the process is reaped)."""
-        at = time.time()
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-        self._reader.join(5)
-        self._close_log()
-        return at
-
-    def stop(self, timeout: float = 20.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            rc = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            rc = self.proc.wait(5)
-        self._reader.join(5)
-        self._close_log()
-        return rc
-
-    def _close_log(self) -> None:
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def __enter__(self) -> Daemon:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def events(self) -> list[dict[str, Any]]:
+        """Every JSON log record so far: the live list (append-only while the daemon runs)."""
+        return self.records
 
 
 # -- secrets ------------------------------------------------------------------------------------

@@ -1,0 +1,46 @@
+"""Fleet mode (issue 17): one token family on many hosts, refreshed exactly once, through etcd v3.
+
+The daemon talks to one object, :class:`Fleet` (``coordinator.py``): the engine asks it before
+spending and tells it the answer first; a watch brings other hosts' rotations. ``etcd.py`` is
+the bounded JSON-gateway client, ``crypto.py`` the fleet secret (family ids, AES-GCM records),
+``cluster.py`` a real loopback etcd cluster for tests and benchmarks. docs/fleet.md has the
+protocol and the failure table.
+
+Names are imported lazily: the engine imports the error kinds on every daemon start, and a
+daemon without a fleet should not pay for loading ``cryptography``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .errors import (
+    FleetAnswerInvalid,
+    FleetBusy,
+    FleetError,
+    FleetMoved,
+    FleetRecordUnreadable,
+    FleetSecretError,
+    FleetUnavailable,
+)
+
+if TYPE_CHECKING:
+    from .coordinator import Fleet, FleetConfig, Reconciled, Record, Ticket
+    from .crypto import FleetKeys, write_secret_file
+
+_LAZY = {"Fleet": "coordinator", "FleetConfig": "coordinator", "Reconciled": "coordinator",
+         "Record": "coordinator", "Ticket": "coordinator", "FleetKeys": "crypto",
+         "write_secret_file": "crypto"}
+
+__all__ = [
+    "Fleet", "FleetAnswerInvalid", "FleetBusy", "FleetConfig", "FleetError", "FleetKeys",
+    "FleetMoved", "FleetRecordUnreadable", "FleetSecretError", "FleetUnavailable",
+    "Reconciled", "Record", "Ticket", "write_secret_file",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(name)

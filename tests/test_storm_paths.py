@@ -1,0 +1,133 @@
+"""What issue 16 changed on the refresh path keeps its meaning (real threads, real objects).
+
+* ``engine.WriteGate`` (was one ``threading.Lock`` every refresh queued on for the others'
+  fsyncs): writers no longer exclude each other, and shutdown's ``acquire(timeout=)`` still
+  waits for the writers inside and keeps new ones out until ``release()``;
+* ``runtime.families.affected`` (was a scan of every family per refresh): the head index gives
+  exactly the families the scan gave, through rotations, splits and re-plans.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from pathlib import Path
+
+from qwen_refresher.engine import WriteGate
+from qwen_refresher.history import TokenHistory
+from qwen_refresher.models import Credentials, ProfileKey
+from qwen_refresher.planner import Timing
+from qwen_refresher.runtime import families as fam
+from qwen_refresher.runtime.memory import Memory, View
+from qwen_refresher.stores.openclaw import OpenClawStore
+
+DEADLINE = 5.0
+
+
+def test_writers_overlap_and_shutdown_waits_for_them() -> None:
+    gate = WriteGate()
+    inside = threading.Barrier(3, timeout=DEADLINE)  # two writers + this test
+    leave = threading.Event()
+
+    def writer() -> None:
+        with gate:
+            inside.wait()  # both writers inside at once: they do not exclude each other
+            leave.wait(DEADLINE)
+
+    threads = [threading.Thread(target=writer) for _ in range(2)]
+    for t in threads:
+        t.start()
+    inside.wait()
+    assert gate.writers == 2
+    # Shutdown cannot close the gate while writers are inside: it times out and reopens it.
+    started = time.monotonic()
+    assert gate.acquire(timeout=0.2) is False
+    assert time.monotonic() - started >= 0.19
+    leave.set()
+    for t in threads:
+        t.join(DEADLINE)
+    assert gate.acquire(timeout=DEADLINE) is True  # nobody inside: closed at once
+
+
+def test_a_closed_gate_keeps_new_writers_out_until_released() -> None:
+    gate = WriteGate()
+    assert gate.acquire(timeout=DEADLINE)
+    entered = threading.Event()
+
+    def writer() -> None:
+        with gate:
+            entered.set()
+
+    t = threading.Thread(target=writer)
+    t.start()
+    assert not entered.wait(0.3), "a writer got in while shutdown held the gate"
+    gate.release()
+    assert entered.wait(DEADLINE)
+    t.join(DEADLINE)
+    assert gate.writers == 0
+
+
+def test_acquire_without_blocking_fails_at_once_when_a_writer_is_inside() -> None:
+    gate = WriteGate()
+    with gate:
+        assert gate.acquire(blocking=False) is False
+    assert gate.acquire(blocking=False) is True
+    gate.release()
+
+
+def _brute_force(memory: Memory, history: TokenHistory,
+                 touched: set[ProfileKey]) -> tuple[set[ProfileKey], set[str]]:
+    """``affected`` as it was: a scan of every family."""
+    views, family_of = memory.views, memory.family_of
+    touched = {k for k in touched if k in views} | {k for k in touched if k in family_of}
+    old_ids = {family_of[k] for k in touched if k in family_of}
+    heads = {history.newest(v.fp) for k in touched
+             if (v := views.get(k)) is not None and v.fp is not None}
+    old_ids |= {f.id for f in memory.families.values() if history.newest(f.head) in heads}
+    keys = {k for k in touched if k in views}
+    for job_id in old_ids:
+        family = memory.families.get(job_id)
+        if family is not None:
+            keys |= {k for k in family.keys if k in views}
+    return keys, old_ids
+
+
+def test_the_head_index_finds_exactly_what_the_scan_found(tmp_path: Path) -> None:
+    rng = random.Random(16)
+    now = 1_800_000_000.0
+    timing = Timing(margin=900.0, jitter=0.0, retry_max=300.0)
+    memory, history = Memory(), TokenHistory()
+    keys = [ProfileKey(tmp_path / f"a{i}" / "auth-profiles.json", "qwen-portal:p")
+            for i in range(24)]
+    tokens = [f"T{i}" for i in range(8)]
+    serial = 0
+
+    def hold(key: ProfileKey, fp: str) -> None:
+        creds = Credentials(f"acc-{fp}", f"ref-{fp}", int((now + 6 * 3600) * 1000))
+        memory.views[key] = View(OpenClawStore(key.store), creds, None, fp, None)
+        memory.keys_by_store[key.store].add(key)
+
+    for key in keys:
+        hold(key, rng.choice(tokens))
+    fam.reconcile(memory, history, timing, now)
+    for _ in range(400):
+        touched = set(rng.sample(keys, rng.randint(1, 3)))
+        move = rng.random()
+        for key in touched:
+            if move < 0.4:  # a rotation: the lineage moves on, the store follows
+                old = memory.views[key].fp
+                assert old is not None
+                serial += 1
+                new = f"R{serial}"
+                history.link(history.newest(old), new)
+                hold(key, new)
+            elif move < 0.7:  # a login or a split: a token of its own
+                serial += 1
+                hold(key, f"L{serial}")
+            else:  # a revert or a copy of another profile's token
+                hold(key, rng.choice([v.fp for v in memory.views.values() if v.fp]))
+        assert fam.affected(memory, history, touched) == _brute_force(memory, history, touched)
+        fam.reconcile(memory, history, timing, now, touched)
+        # the index is what reconcile left behind, never rebuilt behind its back
+        assert memory.indexed_head == {f.id: f.head for f in memory.families.values()}
