@@ -1,197 +1,236 @@
-"""Fleet figures: N hosts x one token family through a real 3-member etcd cluster.
+"""Fleet figures: N real daemons ("hosts") x one token family through a real 3-member etcd cluster.
 
-Each "host" is a real ``Engine`` with its own store file, state dir (lineage, journal) and
-``Fleet`` (its own etcd client, watch and probe threads), all in this one process against the
-fake Qwen server on 127.0.0.1; a follower's watch nudge runs its engine as the daemon's job
-would. (20 full daemons would measure the 2-core machine's scheduler more than the protocol.)
+Each host is a real ``qwen-refresher run`` process (``benchmarks/_common.Daemon``, i.e.
+``qwen_refresher/testing/daemon_proc.py``, the one daemon runner) with its own HOME, OpenClaw
+state dir, store and state dir, against the fake Qwen server on 127.0.0.1, and its own
+``fleet.tap.Tap`` in front of the etcd cluster: a counting TCP proxy that sees every HTTP request
+the host sends to etcd, on the wire.
 
-Rotations alternate between two shapes:
+The run:
 
-- ``jittered``: one host reaches its due time first (the daemon's jitter spreads them) and
-  rotates; the others learn it from the watch;
-- ``stampede``: every host runs at the same instant (no jitter): all but one must lose.
+1. every store is seeded with one long-lived token; the N daemons start (default settings but
+   a short margin) and join the fleet;
+2. a login on host 0 (a new short-lived token written into its store) reaches every host;
+3. ``--rotations`` rotations of ``--lifetime``-second tokens follow, each refreshed by
+   whichever host is due first; the last one is issued long-lived;
+4. idle: every host's etcd requests are counted over ``--idle`` seconds (default probe every
+   15 s, watch re-opened after 60 s of silence).
 
-Printed: server refreshes per rotation (must be 1, and no rejected or reused request), the
-time from the server's answer to the last host's store written (p50/p99 over all hosts and
-rotations), and etcd requests per host per hour when idle (default probe and watch settings),
-measured over ``--idle`` seconds.
+Printed: server refreshes per rotation (must be 1, and no rejected or reused request), the time
+from the server's answer to the last host's store written (each store's mtime once it holds the
+new token; p50/p99 over rotations), and etcd requests per host per hour when idle (counted by
+the taps). ``--quick``: 3 hosts, 2 rotations, 3 s idle: only checks that it all still works.
 
-    .venv/bin/python benchmarks/fleet.py [--hosts 20] [--rotations 10] [--idle 65]
+    .venv/bin/python benchmarks/fleet.py [--hosts 20] [--rotations 10] [--idle 65] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import random
-import statistics
+import shutil
 import sys
 import tempfile
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from _common import Daemon, Home, fmt_ms, footer, header, loadavg, median, pct, table
 
-from qwen_refresher.engine import Engine, Member  # noqa: E402
-from qwen_refresher.fleet import Fleet, FleetConfig  # noqa: E402
-from qwen_refresher.fleet.cluster import EtcdCluster  # noqa: E402
-from qwen_refresher.fleet.crypto import write_secret_file  # noqa: E402
-from qwen_refresher.history import TokenHistory  # noqa: E402
-from qwen_refresher.journal import Journal  # noqa: E402
-from qwen_refresher.models import Credentials, ProfileKey, fingerprint  # noqa: E402
-from qwen_refresher.qwen import QwenOAuthClient  # noqa: E402
-from qwen_refresher.stores.openclaw import OpenClawStore  # noqa: E402
-from qwen_refresher.testing.fake_qwen import (  # noqa: E402
-    QWEN_CLIENT_ID,
-    FakeQwen,
-    FakeQwenConfig,
-)
+from qwen_refresher.fleet.cluster import EtcdCluster, EtcdNotInstalled, ensure_etcd
+from qwen_refresher.fleet.crypto import write_secret_file
+from qwen_refresher.fleet.tap import Tap, Taps
+from qwen_refresher.testing.fake_qwen import FakeQwen, FakeQwenConfig
 
 PROFILE = "qwen-portal:default"
-SALT = b"fleet-bench-salt"
+AGENT = "main"
 
 
 class Host:
-    def __init__(self, name: str, root: Path, fake: FakeQwen, urls: list[str], secret: Path,
-                 pool: ThreadPoolExecutor, writes: list[tuple[str, str, float]]) -> None:
-        self.name = name
-        self.store_path = root / "auth-profiles.json"
-        state = root / "state"
-        state.mkdir(parents=True, mode=0o700)
-        self.fleet = Fleet(FleetConfig(urls=urls, secret_file=secret, namespace="bench",
-                                       host_id=name, timeout=2, lease_ttl=3, inflight_grace=10))
-        self.client = QwenOAuthClient(fake.token_url, fake.device_code_url, QWEN_CLIENT_ID,
-                                      timeout=10)
-        self.engine = Engine(client=self.client, salt=SALT,
-                             history=TokenHistory(state / "lineage.log"),
-                             journal=Journal(state), lock_timeout=5.0, fleet=self.fleet)
-        self.pool = pool
-        self.writes = writes
-        self.lock = threading.Lock()
-        self.fleet.on_change = self._nudged
+    def __init__(self, index: int, root: Path, fake: FakeQwen, tap: Tap, secret: Path,
+                 margin: float, jitter: float) -> None:
+        self.name = f"host-{index:02d}"
+        self.home = Home(root / self.name)
+        self.tap = tap
+        self.fake, self.secret, self.margin, self.jitter = fake, secret, margin, jitter
+        self.daemon: Daemon | None = None
 
-    def _nudged(self, fid: str, members: frozenset[ProfileKey]) -> None:
-        self.pool.submit(self.run, False)
+    def seed(self, creds: tuple[str, str, int]) -> None:
+        self.home.write_store(AGENT, {PROFILE: creds})
 
-    def held(self) -> str:
-        return str(json.loads(self.store_path.read_bytes())["profiles"][PROFILE]["refresh"])
+    def start(self) -> None:
+        self.daemon = Daemon(self.home, self.fake, margin=f"{self.margin:g}",
+                             jitter=f"{self.jitter:g}", env={
+                                 "QWEN_REFRESHER_FLEET": self.tap.url,
+                                 "QWEN_REFRESHER_FLEET_SECRET_FILE": str(self.secret),
+                                 "QWEN_REFRESHER_FLEET_NAMESPACE": "bench",
+                                 "QWEN_REFRESHER_FLEET_HOST_ID": self.name})
 
-    def run(self, due: bool) -> str:
-        with self.lock:  # one job per family, as the daemon's scheduler guarantees
-            held = self.held()
-            outcome = self.engine.run([Member(OpenClawStore(self.store_path), PROFILE)],
-                                      due_at=0 if due else 2**40,
-                                      planned_fp=fingerprint(held, SALT))
-            if outcome.written and outcome.creds is not None:
-                self.writes.append((self.name, outcome.creds.refresh, time.monotonic()))
-            return outcome.result
+    def held(self) -> str | None:
+        return self.home.read_refresh(AGENT, PROFILE)
+
+    def written_at(self) -> float:
+        return os.stat(self.home.store_path(AGENT)).st_mtime_ns / 1e9
 
 
-def write_store(path: Path, creds: Credentials) -> None:
-    doc = {"version": 1, "profiles": {PROFILE: {
-        "type": "oauth", "provider": "qwen-portal", "access": creds.access,
-        "refresh": creds.refresh, "expires": creds.expires_ms}}}
-    path.write_text(json.dumps(doc, indent=2) + "\n")
-    os.chmod(path, 0o600)
+def wait_until(predicate: Callable[[], bool], timeout: float, every: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(every)
+    return predicate()
 
 
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+def start_all(hosts: list[Host], seed: tuple[str, str, int]) -> float:
+    """Seed every store, start every daemon, wait until each has joined: seconds taken."""
+    t0 = time.monotonic()
+    for h in hosts:
+        h.seed(seed)
+        h.start()
+    started = all(h.daemon is not None and h.daemon.wait_event("started", 120) for h in hosts)
+    joined = all(h.daemon is not None and h.daemon.wait_event("fleet_joined", 30)
+                 for h in hosts)
+    took = time.monotonic() - t0
+    print(f"{len(hosts)} daemons ready in {took:.1f} s (started={started}, joined={joined}); "
+          f"load {loadavg()}", flush=True)
+    time.sleep(1.0)  # each host's start-up reconcile has run
+    return took
 
 
-def main() -> int:
+def issued_more(fake: FakeQwen, before: int) -> bool:
+    return len(fake.issued) > before
+
+
+def all_hold(hosts: list[Host], token: str) -> bool:
+    return all(h.held() == token for h in hosts)
+
+
+def login_everywhere(fake: FakeQwen, hosts: list[Host], lifetime: float) -> float | None:
+    """A login on host 0 (a new token in its store): seconds until the last host has it."""
+    login = fake.issue_tokens(lifetime=lifetime)
+    at = time.time()
+    hosts[0].seed(login)
+    if not wait_until(partial(all_hold, hosts, login[1]), 30):
+        return None
+    last = max(h.written_at() for h in hosts) - at
+    print(f"login on host-00 -> every host: {fmt_ms(last)}", flush=True)
+    return last
+
+
+def rotations(fake: FakeQwen, hosts: list[Host], count: int, lifetime: float,
+              ) -> tuple[list[float], list[int], int]:
+    """Wait for ``count`` rotations: (answer -> last host written, in seconds; server
+    refreshes of each rotation's token; rotations that did not complete)."""
+    lags: list[float] = []
+    spends: list[int] = []
+    incomplete = 0
+    for rotation in range(count):
+        if rotation == count - 1:
+            fake.configure(lifetime=3600.0)  # the last token lets the fleet idle
+        before = len(fake.issued)
+        if not wait_until(partial(issued_more, fake, before), lifetime * 3, every=0.02):
+            print(f"rotation {rotation + 1}: no refresh within {lifetime * 3:g} s", flush=True)
+            return lags, spends, incomplete + count - rotation
+        issued = fake.issued[before]
+        answered = next(r.at for r in fake.refresh_requests()
+                        if r.refresh_token == issued.replaced and r.outcome == "ok")
+        everywhere = wait_until(partial(all_hold, hosts, issued.refresh_token), 30)
+        incomplete += not everywhere
+        last = max(h.written_at() for h in hosts) - answered
+        lags.append(last)
+        spends.append(sum(1 for r in fake.refresh_requests()
+                          if r.refresh_token == issued.replaced))
+        print(f"rotation {rotation + 1:2d}: {spends[-1]} server refresh(es); last of "
+              f"{len(hosts)} hosts written {last * 1000:.0f} ms after the answer"
+              f"{'' if everywhere else ' (not every host)'}; load {loadavg()}", flush=True)
+    return lags, spends, incomplete
+
+
+def idle_requests(hosts: list[Host], seconds: float) -> tuple[float, Counter[str]]:
+    """etcd requests per host per hour over ``seconds`` of idle, counted by the taps."""
+    time.sleep(2.0)
+    before = [h.tap.counts() for h in hosts]
+    time.sleep(seconds)
+    paths: Counter[str] = Counter()
+    for h, b in zip(hosts, before, strict=True):
+        paths.update(h.tap.counts() - b)
+    print(f"idle etcd requests by path (all hosts, {seconds:g} s): {dict(paths)}")
+    return sum(paths.values()) / len(hosts) * 3600 / seconds, paths
+
+
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--hosts", type=int, default=20)
     ap.add_argument("--rotations", type=int, default=10)
+    ap.add_argument("--lifetime", type=float, default=10.0,
+                    help="seconds a refreshed token lives (the margin is half of it)")
     ap.add_argument("--idle", type=float, default=65.0,
                     help="seconds of idle to count etcd requests over (0: skip)")
+    ap.add_argument("--quick", action="store_true",
+                    help="3 hosts, 2 rotations, 3 s idle: a smoke run, figures mean little")
     args = ap.parse_args()
+    if args.quick:
+        args.hosts, args.rotations, args.idle, args.lifetime = 3, 2, 3.0, 6.0
+    return args
 
+
+def main() -> int:
+    args = parse_args()
+    margin, jitter = args.lifetime / 2, min(1.0, args.lifetime / 10)
+    header(f"fleet: {args.hosts} daemons x one family, real 3-member etcd",
+           f"hosts={args.hosts} rotations={args.rotations} lifetime={args.lifetime:g}s "
+           f"margin={margin:g}s jitter={jitter:g}s idle={args.idle:g}s")
+    try:
+        ensure_etcd()
+    except EtcdNotInstalled as exc:
+        table([("etcd", "unavailable", str(exc)[:60])])
+        footer()
+        return 0
     tmp = Path(tempfile.mkdtemp(prefix="qr-fleet-bench-"))
     secret = tmp / "fleet.key"
     write_secret_file(secret)
-    writes: list[tuple[str, str, float]] = []
-    with EtcdCluster(3) as cluster, FakeQwen(FakeQwenConfig(lifetime=3600)) as fake, \
-            ThreadPoolExecutor(max_workers=args.hosts) as pool:
-        access, refresh, expires = fake.issue_tokens(lifetime=3600)
-        first = Credentials(access=access, refresh=refresh, expires_ms=expires)
-        hosts = []
-        for i in range(args.hosts):
-            root = tmp / f"h{i:02d}"
-            root.mkdir(mode=0o700)
-            host = Host(f"host-{i:02d}", root, fake, cluster.urls, secret, pool, writes)
-            write_store(host.store_path, first)
-            hosts.append(host)
-        for h in hosts:  # every host joins: reconciles once and starts watching
-            h.run(False)
-            h.fleet.start()
-        time.sleep(0.5)
-
-        per_rotation: list[int] = []
-        lags: list[float] = []
-        last_host: list[float] = []
-        for rotation in range(args.rotations):
-            shape = "stampede" if rotation % 2 else "jittered"
-            before = len(fake.refresh_requests())
-            if shape == "jittered":
-                random.choice(hosts).run(True)
-            else:
-                list(pool.map(lambda h: h.run(True), hosts))
-            target = fake.issued[-1].refresh_token
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and \
-                    any(h.held() != target for h in hosts):
-                time.sleep(0.005)
-            # A store is written a moment before its run returns and logs the time.
-            while time.monotonic() < deadline and \
-                    len({name for name, tok, _ in writes if tok == target}) < len(hosts):
-                time.sleep(0.005)
-            requests = fake.refresh_requests()[before:]
-            per_rotation.append(len(requests))
-            answered = max(r.monotonic for r in requests)
-            times = {name: t for name, tok, t in writes if tok == target}
-            host_lags = [times[h.name] - answered for h in hosts if h.name in times]
-            lags.extend(host_lags)
-            last_host.append(max(host_lags))
-            print(f"rotation {rotation + 1:2d} ({shape:8s}): {len(requests)} server "
-                  f"refresh(es), last of {len(host_lags)} hosts written "
-                  f"{max(host_lags) * 1000:.0f} ms after the answer")
-        bad = [r for r in fake.refresh_requests() if r.outcome != "ok"]
-
-        idle_rate = None
-        if args.idle > 0:
-            for h in hosts:  # the default idle settings: probe every 15 s, watch re-opened
-                h.fleet.config = FleetConfig(**{**h.fleet.config.__dict__,
-                                                "probe_interval": 15.0, "watch_idle": 60.0})
-            time.sleep(1)
-            start = sum(h.fleet.client.requests for h in hosts)
-            time.sleep(args.idle)
-            spent = sum(h.fleet.client.requests for h in hosts) - start
-            idle_rate = spent / len(hosts) * 3600 / args.idle
-
-        for h in hosts:
-            h.fleet.stop()
-            h.client.close()
-
-    print()
-    print(f"hosts: {args.hosts}, one family, rotations: {args.rotations} "
-          f"(half jittered, half stampede), etcd: 3 members on 127.0.0.1")
-    print(f"server refreshes per rotation: {sorted(set(per_rotation))} "
-          f"(rejected or reused requests: {len(bad)})")
-    print(f"rotation -> each host written: p50 {statistics.median(lags) * 1000:.0f} ms, "
-          f"p99 {pct(lags, 0.99) * 1000:.0f} ms")
-    print(f"rotation -> last host written: p50 {statistics.median(last_host) * 1000:.0f} ms, "
-          f"p99 {pct(last_host, 0.99) * 1000:.0f} ms")
-    if idle_rate is not None:
-        print(f"etcd requests per host per hour, idle: {idle_rate:.0f} "
-              f"(measured over {args.idle:.0f} s; probe 15 s, watch re-opened after 60 s)")
-    return 0 if set(per_rotation) == {1} and not bad else 1
+    hosts: list[Host] = []
+    rows: list[tuple[str, str, str]] = []
+    ok = False
+    try:
+        with EtcdCluster(3) as cluster, Taps(cluster.urls) as taps, \
+                FakeQwen(FakeQwenConfig(lifetime=args.lifetime)) as fake:
+            hosts = [Host(i, tmp, fake, taps.add(f"h{i}"), secret, margin, jitter)
+                     for i in range(args.hosts)]
+            ready_s = start_all(hosts, fake.issue_tokens(lifetime=3600))
+            login_last = login_everywhere(fake, hosts, args.lifetime)
+            lags, spends, incomplete = rotations(fake, hosts, args.rotations, args.lifetime)
+            bad = Counter(r.outcome for r in fake.refresh_requests() if r.outcome != "ok")
+            idle = idle_requests(hosts, args.idle)[0] if args.idle > 0 else None
+            needs_login = sum(h.daemon.count("needs_login") for h in hosts if h.daemon)
+            ok = (not incomplete and set(spends) == {1} and not bad and needs_login == 0
+                  and login_last is not None)
+            rows = [
+                ("hosts (daemons) / etcd members", f"{args.hosts} / 3", "20 / 3"),
+                ("daemons started and joined", f"{ready_s:.1f} s", "-"),
+                ("server refreshes per rotation", ",".join(map(str, sorted(set(spends))))
+                 + f" ({len(spends)} rotations)", "1"),
+                ("rejected or reused requests", str(sum(bad.values())), "0"),
+                ("needs_login events", str(needs_login), "0"),
+                ("rotation -> last host written, p50", fmt_ms(median(lags)), "-"),
+                ("rotation -> last host written, p99", fmt_ms(pct(lags, 0.99)), "-"),
+                ("login -> last host written", fmt_ms(login_last), "-"),
+            ]
+            if idle is not None:
+                rows.append(("etcd requests per host per hour, idle", f"{idle:.0f}", "-"))
+    finally:
+        running = [h.daemon for h in hosts if h.daemon is not None]
+        for d in running:  # SIGTERM all at once, then reap each
+            d.signal()
+        for d in running:
+            d.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    table(rows)
+    footer()
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

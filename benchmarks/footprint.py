@@ -84,11 +84,14 @@ def main(argv: list[str] | None = None) -> int:
         seed_stores(home, fake, stores=stores, per_store=2, expires_in=SIX_HOURS)
         with Daemon(home, fake, env=extra) as daemon:
             state_at: float | None = None
+            cpu_ready: float | None = None
             deadline = time.monotonic() + opts.timeout
             while time.monotonic() < deadline and daemon.proc.poll() is None:
+                if cpu_ready is None and daemon.count("started"):
+                    cpu_ready = sample(daemon.pid).cpu  # within 20 ms of READY, not at state
                 if state_at is None and _all_planned(home, profiles):
                     state_at = time.time()
-                if daemon.count("started") and state_at is not None:
+                if cpu_ready is not None and state_at is not None:
                     break
                 time.sleep(0.02)
             started = daemon.wait_event("started", 0.1)
@@ -99,14 +102,16 @@ def main(argv: list[str] | None = None) -> int:
                 footer()
                 return 0
             ready = float(started["_ts"]) - daemon.spawned_at
-            cpu_ready = sample(daemon.pid).cpu
+            if cpu_ready is None:
+                cpu_ready = sample(daemon.pid).cpu
             rows.append((f"**spawn -> ready** (`started`, READY=1; {profiles} profiles)",
                          f"{fmt_s(ready)} ({ratio(ready, floor)} the import floor)",
                          f"< {GOAL_READY_S:g} s"))
             full = (state_at - daemon.spawned_at) if state_at else float("nan")
             rows.append(("spawn -> state.json lists every profile, each planned",
                          f"{fmt_s(full)} ({ratio(full, floor)} the import floor)", ""))
-            rows.append(("daemon CPU by ready", f"{cpu_ready:.2f} s", ""))
+            rows.append(("daemon CPU by ready (all threads, read when `started` arrived)",
+                         f"{cpu_ready:.2f} s", ""))
             time.sleep(settle)
             before = sample(daemon.pid)
             threads0 = thread_switches(daemon.pid)

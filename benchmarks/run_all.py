@@ -41,6 +41,7 @@ STEPS: list[tuple[str, str, list[str], list[str] | None]] = [
     ("sweep", "sweep.py", [], ["--stores", "10", "--duration", "2", "--interval", "1",
                                "--settle", "0.5"]),
     ("storm", "storm.py", [], ["--stores", "10", "--default-stores", "5", "--timeout", "30"]),
+    ("fleet", "fleet.py", [], ["--quick"]),
 ]
 
 

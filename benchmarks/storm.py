@@ -61,6 +61,7 @@ class Result:
     families: int
     done: int
     spawn_to_last: float
+    spawn_to_started: float
     first_to_last: float
     peak_1s: int
     peak_100ms: int
@@ -97,6 +98,7 @@ def run_phase(phase: Phase, latency: float, timeout: float, tmp: Path) -> Result
         return Result(
             phase=phase, families=families, done=done,
             spawn_to_last=(max(e for _, e in spans) - spawned) if spans else float("nan"),
+            spawn_to_started=(started["_arrived"] - spawned) if started else float("nan"),
             first_to_last=(max(starts) - min(starts)) if starts else float("nan"),
             peak_1s=peak_1s, peak_100ms=peak_100ms, in_flight=fake.max_in_flight,
             cpu_per_refresh=((cpu1.cpu_ns - cpu0.cpu_ns) / 1e9 / done
@@ -154,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
              f"{r.done} / {r.families}", "all"),
             (f"{p.label}: spawn -> last refresh answered", f"{r.spawn_to_last:.1f} s",
              f"< {GOAL_STORM_S:g} s" if p.label == "limited" and r.families >= 2000 else ""),
+            (f"{p.label}: of which spawn -> `started`; first request -> last sent",
+             f"{r.spawn_to_started:.1f} s; {r.first_to_last:.1f} s", ""),
             (f"{p.label}: x the limiter's floor (families / rate = "
              f"{r.families / (p.rate or 10.0):.1f} s)"
              + ("; x the unlimited `baseline` phase" if unlimited and unlimited is not r

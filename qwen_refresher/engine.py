@@ -17,18 +17,21 @@ In a fleet (``fleet/``, docs/fleet.md) the same sequence asks etcd first: after 
 family is reconciled with the fleet's record (a newer generation there is written to the
 members instead of refreshing), the spend needs the fleet's lock, and the answer is
 compare-and-swapped into etcd before the journal and the stores. Without etcd nothing is spent.
+
+Here the decisions; the write half (lineage, journal, then the stores, under the shutdown
+gate) is ``engine_commit.Writer``, the fleet's questions are ``engine_fleet.FleetSeam``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from .engine_commit import WriteGate, Writer, as_write_error
+from .engine_fleet import FleetSeam
 from .errors import (
     LockTimeout,
     QwenRefresherError,
@@ -37,11 +40,10 @@ from .errors import (
     StoreError,
     StoreMalformed,
     StoreUnreadable,
-    StoreWriteError,
     TransientOAuthError,
     UnusableAnswer,
 )
-from .fleet.errors import FleetBusy, FleetError, FleetMoved, FleetUnavailable
+from .fleet.errors import FleetNeedsLogin
 from .history import TokenHistory
 from .journal import Journal
 from .lockfile import FileLock
@@ -51,7 +53,11 @@ from .qwen import QwenOAuthClient
 from .stores.base import Store, StoreSnapshot
 
 if TYPE_CHECKING:
-    from .fleet.coordinator import Fleet, Ticket
+    from .fleet.coordinator import Fleet
+
+#: Names other modules import from here (the write half and the fleet seam moved out).
+__all__ = ["Engine", "Member", "Outcome", "Result", "WriteGate", "as_write_error",
+           "current_token", "in_lock_order", "lock_order_key"]
 
 #: How one run ended. ``adopted`` is the daemon's, not the engine's: instead of refreshing (or
 #: after a rejection) the family took a token seen replacing its own in a sibling's store.
@@ -110,70 +116,6 @@ class Outcome:
         self.reason = str(failure) if reason is None else reason
 
 
-class WriteGate:
-    """A shutdown barrier around store writes: any number of writers at once, and
-    ``acquire(timeout=)`` (shutdown's) waits until none is writing and keeps new ones out
-    until ``release()``.
-
-    A plain lock did the same for shutdown but also made every refresh wait for every other
-    refresh's journal and store fsyncs (measured: 40 % of a 2,000-family storm's worker time
-    was spent queueing on it). What a write needs excluded is excluded elsewhere: the
-    family's store locks (per-path mutex + lock file), ``Journal``'s and ``TokenHistory``'s
-    own locks. A writer waiting at a closed gate waits only as long as shutdown holds it
-    (``acquire`` then ``release``, at once).
-    """
-
-    def __init__(self) -> None:
-        self._cv = threading.Condition(threading.Lock())
-        self._writers = 0
-        self._closed = False
-
-    def __enter__(self) -> WriteGate:
-        with self._cv:
-            while self._closed:
-                self._cv.wait()
-            self._writers += 1
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        with self._cv:
-            self._writers -= 1
-            if self._writers == 0:
-                self._cv.notify_all()
-
-    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
-        """Close the gate and wait until no writer is inside; False (gate open again) when
-        ``timeout`` seconds pass first, or at once when not ``blocking`` and one is inside."""
-        deadline = None if timeout < 0 else time.monotonic() + timeout
-        with self._cv:
-            while self._closed:  # one closer at a time
-                left = None if deadline is None else deadline - time.monotonic()
-                if not blocking or (left is not None and left <= 0):
-                    return False
-                self._cv.wait(left)
-            self._closed = True
-            while self._writers:
-                left = None if deadline is None else deadline - time.monotonic()
-                if not blocking or (left is not None and left <= 0):
-                    self._closed = False
-                    self._cv.notify_all()
-                    return False
-                self._cv.wait(left)
-            return True
-
-    def release(self) -> None:
-        """Open the gate again (after ``acquire`` returned True)."""
-        with self._cv:
-            self._closed = False
-            self._cv.notify_all()
-
-    @property
-    def writers(self) -> int:
-        """How many writers are inside right now (for tests and diagnostics)."""
-        with self._cv:
-            return self._writers
-
-
 class Engine:
     def __init__(
         self,
@@ -190,19 +132,25 @@ class Engine:
         self.client = client
         #: etcd coordination of this host's families with other hosts (None: single host).
         self.fleet = fleet
-        #: The fleet's family id and spend ticket of the run on this thread (fleet only).
-        self._spend = threading.local()
         self.salt = salt
         self.history = history
         self.journal = journal
         self.lock_timeout = lock_timeout
         self.stop = stop
         self.clock = clock
-        #: Entered while stores are being written: shutdown waits for every writer to leave
-        #: it, so SIGTERM never interrupts a write between journal and store. Writers of
-        #: different families do not exclude each other (their store locks, the journal's and
-        #: the lineage's own locks do): a storm's fsyncs overlap instead of queueing.
-        self.writing = WriteGate()
+        #: The write half (``engine_commit``): lineage, journal, then the stores.
+        self.writer = Writer(history=history, journal=journal, fp=self.fp,
+                             clock=lambda: self.clock())
+        #: Entered while stores are being written (``WriteGate``): shutdown waits for every
+        #: writer to leave it, so SIGTERM never interrupts a write between journal and store.
+        self.writing = self.writer.writing
+        #: What a run asks etcd (``engine_fleet``); None without a fleet.
+        self.seam: FleetSeam | None = None
+        if fleet is not None:
+            self.seam = FleetSeam(fleet, history=history, fp=self.fp,
+                                  clock=lambda: self.clock(), writer=self.writer,
+                                  read=self._read)
+            self.writer.fleet_commit = self.seam.commit
         #: Every store lock held right now, so a shutdown that cannot wait any longer for a
         #: stuck refresh still leaves no lock file behind.
         self.held: set[FileLock] = set()
@@ -218,7 +166,8 @@ class Engine:
 
     # -- the whole sequence -----------------------------------------------------------------
     def run(self, members: Sequence[Member], *, due_at: float,
-            planned_fp: str | None = None) -> Outcome:
+            planned_fp: str | None = None,
+            before_send: Callable[[], object] | None = None) -> Outcome:
         """One refresh of one family under every member's lock.
 
         ``planned_fp`` is the fingerprint of the token ``due_at`` was computed for. If the
@@ -226,6 +175,9 @@ class Engine:
         rotated meanwhile), ``due_at`` says nothing about it: nothing is sent, the outcome is
         ``not_due`` and the caller re-plans from what the stores now hold. We never spend a
         token we did not plan to spend.
+
+        ``before_send`` is called right before each request leaves (the daemon's
+        ``RateLimiter.pace``: the sends themselves kept ``1 / rate`` apart).
         """
         started = time.monotonic()
         held: list[FileLock] = []
@@ -244,7 +196,7 @@ class Engine:
                         lock.lock_path, f"cannot create lock file: {exc.strerror}"))
                 held.append(lock)
                 self.held.add(lock)
-            outcome = self._locked(members, due_at, planned_fp)
+            outcome = self._locked(members, due_at, planned_fp, before_send)
         finally:
             for lock in reversed(held):
                 lock.release()
@@ -285,34 +237,9 @@ class Engine:
         fp, creds = picked
         return creds, fp
 
-    def _write(
-        self,
-        snapshots: dict[Store, StoreSnapshot],
-        targets: Sequence[Member],
-        creds: Credentials,
-        outcome: Outcome,
-    ) -> StoreWriteError | None:
-        """Write ``creds`` to ``targets``; the first failure, as a write failure, or None."""
-        first: StoreWriteError | None = None
-        by_store: dict[Store, list[Member]] = {}
-        for member in targets:
-            by_store.setdefault(member.store, []).append(member)
-        for store, group in by_store.items():
-            snapshot = snapshots.get(store)
-            if snapshot is None:
-                continue
-            try:
-                store.write(snapshot, {m.profile: creds for m in group})
-            except StoreError as exc:
-                for m in group:
-                    outcome.errors[m.key] = str(exc)
-                first = first or _as_write_error(exc)
-            else:
-                outcome.written.extend(m.key for m in group)
-        return first
-
     def _locked(self, members: Sequence[Member], due_at: float,
-                planned_fp: str | None = None) -> Outcome:
+                planned_fp: str | None = None,
+                before_send: Callable[[], object] | None = None) -> Outcome:
         snapshots, current, read_errors = self._read(members)
         errors = {key: str(exc) for key, exc in read_errors.items()}
         if not current:
@@ -326,7 +253,7 @@ class Engine:
         lagging = [m for m, c in current.items() if self.fp(c) != best_fp]
         if lagging:
             with self.writing:
-                write_error = self._write(snapshots, lagging, best, outcome)
+                write_error = self.writer.write(snapshots, lagging, best, outcome)
             outcome.reapplied = [m.key for m in lagging
                                  if self.history.is_superseded(self.fp(current[m]))]
             outcome.result = "synced"
@@ -334,9 +261,9 @@ class Engine:
                 outcome.fail(write_error)
                 return outcome
 
-        if self.fleet is not None:
-            agreed = self._fleet_reconcile(members, snapshots, current, best, best_fp,
-                                           due_at, outcome)
+        if self.seam is not None:
+            agreed = self.seam.reconcile(members, snapshots, current, best, best_fp,
+                                         due_at, outcome)
             if agreed is not None:
                 return agreed
         if not outcome.errors and self.journal.holds(best_fp):
@@ -352,7 +279,7 @@ class Engine:
         if rejection is not None:
             outcome.fail(RefreshTokenRejected(rejection[1]))
             return outcome
-        return self._refresh(members, snapshots, best, best_fp, outcome)
+        return self._refresh(members, snapshots, best, best_fp, outcome, before_send)
 
     def _refresh(
         self,
@@ -361,13 +288,20 @@ class Engine:
         best: Credentials,
         best_fp: str,
         outcome: Outcome,
+        before_send: Callable[[], object] | None = None,
     ) -> Outcome:
-        if self.fleet is not None and not self._fleet_begin(outcome):
-            return outcome
+        if self.seam is not None:
+            try:
+                begun = self.seam.begin(outcome)
+            except FleetNeedsLogin as exc:
+                return self._rejected(members, best_fp, exc, outcome)  # a login first?
+            if not begun:
+                return outcome
         try:
-            return self._spend_once(members, snapshots, best, best_fp, outcome)
+            return self._spend_once(members, snapshots, best, best_fp, outcome, before_send)
         finally:
-            self._fleet_release()
+            if self.seam is not None:
+                self.seam.release()
 
     def _spend_once(
         self,
@@ -376,11 +310,15 @@ class Engine:
         best: Credentials,
         best_fp: str,
         outcome: Outcome,
+        before_send: Callable[[], object] | None = None,
     ) -> Outcome:
+        if before_send is not None:
+            before_send()  # a stop meanwhile: the client sends nothing (NotSent)
         try:
             grant = self.client.refresh(best.refresh, stop=self.stop)
         except RotatedUnusableAccess as exc:
-            return self._rotated_unusable(members, snapshots, best, best_fp, exc, outcome)
+            return self._rotated_unusable(members, snapshots, best, best_fp, exc, outcome,
+                                          before_send)
         except UnusableAnswer as exc:
             # A 200 we cannot use and no usable refresh token in it: nothing of it is written
             # or journaled (there is nothing usable to keep). The retry, after a back-off,
@@ -394,7 +332,8 @@ class Engine:
             outcome.retry_after = exc.retry_after
             return outcome
         except RefreshTokenRejected as exc:
-            adopted = self._fleet_rejected(members, snapshots, best_fp, outcome)
+            adopted = (self.seam.rejected(members, snapshots, best_fp, outcome)
+                       if self.seam is not None else None)
             if adopted is not None:
                 return adopted
             return self._rejected(members, best_fp, exc, outcome)
@@ -402,49 +341,8 @@ class Engine:
         # the only copy of the new one. ``client.refresh`` has held every value to the store
         # rules already (tokens valid, expiry clamped), so the arithmetic below cannot fail.
         new = grant.to_credentials(int(self.clock() * 1000), best.refresh)
-        self._commit(members, snapshots, best_fp, new, outcome)
+        self.writer.commit(members, snapshots, best_fp, new, outcome)
         return outcome
-
-    def _keep(self, old_fp: str, new: Credentials, members: Sequence[Member],
-              outcome: Outcome) -> str:
-        """Persist a rotation before any store sees it: lineage link, memory, journal.
-        From here on the old refresh token is dead and this is the only copy of the new one
-        until the stores have it. Returns the new fingerprint."""
-        new_fp = self.fp(new)
-        self.history.link(old_fp, new_fp)
-        self.history.remember(new_fp, new, issued_at=self.clock())
-        try:
-            self.journal.record(old_fp, new_fp, new, [m.key for m in members])
-        except (OSError, StoreError) as exc:
-            # Still in memory and about to be written; the daemon says so loudly.
-            outcome.journal_error = str(exc)
-        return new_fp
-
-    def _commit(self, members: Sequence[Member], snapshots: dict[Store, StoreSnapshot],
-                old_fp: str, new: Credentials, outcome: Outcome) -> None:
-        """Journal a rotation, write it to every readable member, and say how that went."""
-        readable = [m for m in members if m.store in snapshots and m.key not in outcome.errors]
-        with self.writing:
-            new_fp = self._keep(old_fp, new, members, outcome)
-            # A fleet's journal is etcd: the answer goes there before any store sees it, and
-            # after our own journal, so a crash between the two is replayed at start and then
-            # published (docs/fleet.md). Never raises.
-            self._fleet_commit(members, new)
-            write_error = self._write(snapshots, readable, new, outcome)
-        outcome.creds, outcome.fp = new, new_fp
-        outcome.consumed = outcome.consumed or old_fp
-        if all(m.key in outcome.written for m in members):
-            with contextlib.suppress(OSError, StoreError):
-                self.journal.settle(new_fp)
-            outcome.result = "rotated"
-        else:
-            # The reason stays the first error met, a read error included (a member unreadable
-            # before the request is not written either); the kind is a write failure.
-            reason = next(iter(outcome.errors.values()), "not every member was written")
-            unwritten = next((m.store.path for m in members if m.key not in outcome.written),
-                             Path("-"))
-            outcome.fail(write_error or StoreWriteError(unwritten, "not written: it could not "
-                                                                   "be read"), reason)
 
     def _rotated_unusable(
         self,
@@ -454,6 +352,7 @@ class Engine:
         best_fp: str,
         exc: RotatedUnusableAccess,
         outcome: Outcome,
+        before_send: Callable[[], object] | None = None,
     ) -> Outcome:
         """The server rotated but its access token fails the store rules.
 
@@ -467,23 +366,25 @@ class Engine:
                               expires_ms=best.expires_ms, resource_url=best.resource_url,
                               token_type=best.token_type)
         with self.writing:
-            interim_fp = self._keep(best_fp, interim, members, outcome)
+            interim_fp = self.writer.keep(best_fp, interim, members, outcome)
         outcome.consumed = best_fp
         first = f"server rotated but its answer was unusable ({exc.reason})"
+        if before_send is not None:
+            before_send()
         try:
             grant = self.client.refresh(interim.refresh, stop=self.stop)
         except RefreshTokenRejected as again:
             return self._rejected(members, interim_fp, again, outcome)
         except TransientOAuthError as again:
             # Includes a second unusable answer: keep what is live, retry after a back-off.
-            self._commit(members, snapshots, best_fp, interim, outcome)
+            self.writer.commit(members, snapshots, best_fp, interim, outcome)
             if outcome.result == "rotated":
                 outcome.fail(again, f"{first}; its new refresh token is kept, and getting a "
                                     f"usable access token with it failed: {again.reason}")
                 outcome.retry_after = again.retry_after
             return outcome
         new = grant.to_credentials(int(self.clock() * 1000), interim.refresh)
-        self._commit(members, snapshots, interim_fp, new, outcome)
+        self.writer.commit(members, snapshots, interim_fp, new, outcome)
         if outcome.journal_error is None:
             with contextlib.suppress(OSError, StoreError):
                 self.journal.settle(interim_fp)  # the journal holds its successor now
@@ -505,7 +406,7 @@ class Engine:
             fp, (_, creds) = max(fresh.items(), key=lambda item: item[1][1].expires_ms)
             lagging = [m for m, c in current.items() if self.fp(c) != fp]
             with self.writing:
-                self._write(snapshots, lagging, creds, outcome)
+                self.writer.write(snapshots, lagging, creds, outcome)
             outcome.result, outcome.creds, outcome.fp = "synced", creds, fp
             return outcome
         self.history.reject(best_fp, exc.reason)
@@ -513,94 +414,6 @@ class Engine:
         return outcome
 
     # -- the fleet seam (fleet/coordinator.py has the protocol) -----------------------------
-    def _fleet_reconcile(self, members: Sequence[Member],
-                         snapshots: dict[Store, StoreSnapshot],
-                         current: dict[Member, Credentials], best: Credentials, best_fp: str,
-                         due_at: float, outcome: Outcome) -> Outcome | None:
-        """Agree with the fleet before anything is spent. Returns the finished outcome when
-        the run ends here: the fleet holds a newer generation (written to every member, as a
-        sync: ``on_rotate`` runs) or the fleet cannot be asked while the family is due."""
-        assert self.fleet is not None
-        self._spend.fid = None
-        try:
-            seen = self.fleet.reconcile(
-                [m.key for m in members], best,
-                superseded=lambda c: self.history.is_superseded(self.fp(c)))
-        except FleetError as exc:
-            if self.clock() < due_at:
-                return outcome  # not due: local reads and syncs go on without the fleet
-            outcome.fail(exc if isinstance(exc, FleetUnavailable)
-                         else FleetUnavailable(str(exc)))
-            return outcome
-        if seen.adopt is None:
-            self._spend.fid = seen.fid
-            return None
-        return self._fleet_adopt(members, snapshots, current, best_fp, seen.adopt, outcome)
-
-    def _fleet_adopt(self, members: Sequence[Member], snapshots: dict[Store, StoreSnapshot],
-                     current: dict[Member, Credentials], old_fp: str, creds: Credentials,
-                     outcome: Outcome) -> Outcome:
-        """Write the fleet's newer tokens to every member that lacks them."""
-        new_fp = self.fp(creds)
-        self.history.link(old_fp, new_fp)
-        self.history.remember(new_fp, creds, issued_at=self.clock())
-        lagging = [m for m in members if m in current and self.fp(current[m]) != new_fp]
-        with self.writing:
-            write_error = self._write(snapshots, lagging, creds, outcome)
-        outcome.result, outcome.creds, outcome.fp = "synced", creds, new_fp
-        outcome.failure, outcome.reason = None, None
-        if write_error is not None:
-            outcome.fail(write_error)
-        return outcome
-
-    def _fleet_begin(self, outcome: Outcome) -> bool:
-        """Take the fleet's right to spend; False (outcome set) when we may not."""
-        assert self.fleet is not None
-        self._spend.ticket = None
-        fid = getattr(self._spend, "fid", None)
-        if fid is None:
-            outcome.fail(FleetUnavailable("fleet: the family was not reconciled"))
-            return False
-        try:
-            self._spend.ticket = self.fleet.begin_spend(fid)
-        except (FleetBusy, FleetMoved) as exc:
-            # Another host is spending (its answer arrives by the watch) or just did:
-            # nothing failed; look again soon.
-            outcome.reason, outcome.retry_after = str(exc), 1.0
-            return False
-        except FleetError as exc:
-            outcome.fail(exc if isinstance(exc, FleetUnavailable)
-                         else FleetUnavailable(str(exc)))
-            return False
-        return True
-
-    def _fleet_commit(self, members: Sequence[Member], new: Credentials) -> None:
-        ticket: Ticket | None = getattr(self._spend, "ticket", None)
-        if self.fleet is None or ticket is None:
-            return
-        self._spend.ticket = None
-        self.fleet.commit(ticket, [m.key for m in members], new)
-
-    def _fleet_release(self) -> None:
-        ticket: Ticket | None = getattr(self._spend, "ticket", None)
-        if self.fleet is not None and ticket is not None:
-            self._spend.ticket = None
-            self.fleet.release(ticket)
-
-    def _fleet_rejected(self, members: Sequence[Member],
-                        snapshots: dict[Store, StoreSnapshot], best_fp: str,
-                        outcome: Outcome) -> Outcome | None:
-        """The server refused the fleet's current token: another host may have spent it (we
-        were paused past our lease). Adopt the fleet's newer token if one arrives in time."""
-        ticket: Ticket | None = getattr(self._spend, "ticket", None)
-        if self.fleet is None or ticket is None:
-            return None
-        self._spend.ticket = None
-        newer = self.fleet.after_rejection(ticket)
-        if newer is None:
-            return None
-        snapshots, current, _ = self._read(members)
-        return self._fleet_adopt(members, snapshots, current, best_fp, newer, outcome)
 
 
 def current_token(history: TokenHistory, held: Iterable[tuple[str, Credentials]],
@@ -649,12 +462,3 @@ def in_lock_order(stores: Iterable[Store]) -> list[Store]:
     for store in stores:
         by_lock.setdefault(lock_order_key(store), store)
     return [by_lock[key] for key in sorted(by_lock)]
-
-
-def _as_write_error(exc: StoreError) -> StoreWriteError:
-    """A store error met while writing is a write failure, whatever its own kind."""
-    if isinstance(exc, StoreWriteError):
-        return exc
-    error = StoreWriteError(exc.path, exc.problem)
-    error.__cause__ = exc
-    return error

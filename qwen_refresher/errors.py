@@ -12,15 +12,22 @@ attributes (as click does with ``exit_code``),
 
 The daemon reads these from ``Outcome.failure``; nothing decides anything from message text.
 Messages never contain a token: callers pass descriptions, never values, and the OAuth errors
-carry only what the server said after redaction. Stdlib only: ``status`` imports this module.
+carry only what the server said after redaction.
+
+Stdlib only, and cheap: ``status`` (run by health checks every few seconds) imports this module
+through ``settings_core`` and ``published``, whose kinds (``SettingsError``, ``StateFileProblem``)
+live here too. So no ``typing``, no ``dataclasses`` and no ``pathlib`` at import time: a
+``path`` attribute is made a ``Path`` when an error is raised (``_as_path``), never before.
 
 ::
 
     class                        exit  metric_label     result        what
     QwenRefresherError             1   other            -             base of everything
     ├── ConfigError               78   config           -             a bad setting, named
+    │   ├── SettingsError         78   config           -             ...found by settings_core
     │   ├── UnsafeStateDir        78   config           -             state dir not ours alone
     │   └── ConfigUnusable        78   config           -             openclaw.json unusable
+    ├── StateFileProblem           1   state_file       -             our state.json/lock unusable
     ├── StoreError                 1   unavailable      unavailable   a store file we cannot use
     │   ├── StoreUnreadable        1   unavailable      unavailable   missing, refused, no access
     │   │   ├── FileMissing        1   unavailable      unavailable   it does not exist
@@ -55,8 +62,6 @@ two unrelated kinds never share one (``tests/test_errors.py`` checks both).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 # The exit codes' one home is ``report`` (stdlib, shared with ``status``); re-exported here so
 # that an exception's code and a status verdict cannot drift apart.
 from .report import (
@@ -74,6 +79,7 @@ from .report import (
 TYPE_CHECKING = False  # not `from typing import ...`: status imports this module, and pays
 if TYPE_CHECKING:
     from collections.abc import Iterator
+    from pathlib import Path
     from typing import ClassVar, Literal
 
     from .models import ProfileKey
@@ -89,14 +95,22 @@ __all__ = [
     "FileRefused", "InternalError", "LockTimeout", "LockUnusable", "LoginTargetMissing",
     "LoginWriteError", "NetworkError", "NotSent", "OAuthError", "OwnershipError",
     "QwenRefresherError", "RateLimited", "RefreshTokenRejected", "RequestTimeout",
-    "RotatedUnusableAccess", "ServerError", "ServiceError", "SlowDown", "StoreError",
-    "StoreMalformed", "StoreUnreadable", "StoreWriteError", "TransientOAuthError",
+    "RotatedUnusableAccess", "ServerError", "ServiceError", "SettingsError", "SlowDown",
+    "StateFileProblem", "StoreError", "StoreMalformed", "StoreUnreadable", "StoreWriteError",
+    "TransientOAuthError",
     "UnexpectedStatus", "UnsafeStateDir", "UnusableAnswer", "kinds", "refresh_failure_labels",
     "refresh_results",
 ]
 
 #: The label a failure nobody classified is counted under.
 OTHER = "other"
+
+
+def _as_path(path: Path | str) -> Path:
+    """``Path(path)``, with pathlib imported only now: raising is rare, importing is not."""
+    from pathlib import Path
+
+    return Path(path)
 
 
 class QwenRefresherError(Exception):
@@ -120,13 +134,25 @@ class ConfigError(QwenRefresherError):
         super().__init__(f"invalid setting {setting}: {problem}")
 
 
+class SettingsError(ConfigError, ValueError):
+    """A setting ``settings_core`` resolves (the stdlib resolution ``status``,
+    ``install-service`` and the daemon share) is unusable: the message names it (and its
+    variable) and the problem.
+
+    Also a ValueError, as it was when it lived in ``settings_core``: raised inside a pydantic
+    validator it still becomes a validation error. ``config.load_settings`` restates it as a
+    plain ``ConfigError``; ``status`` exits 78 with it; ``install-service`` warns and goes on
+    with what it could read.
+    """
+
+
 class UnsafeStateDir(ConfigError):
     """Our own state dir is not ours alone (another owner, wider than 0700, a symlink, or a file
     in it that is not a plain file): whoever can write there could plant symlinks that make us
     truncate or append to their victim's files, or read our journal of live tokens. Exit 78."""
 
     def __init__(self, path: Path | str, problem: str) -> None:
-        self.path = Path(path)
+        self.path = _as_path(path)
         super().__init__("state_dir (QWEN_REFRESHER_STATE_DIR)", f"{path}: {problem}")
 
 
@@ -144,6 +170,22 @@ class ConfigUnusable(ConfigError, ValueError):
         Exception.__init__(self, problem)
 
 
+class StateFileProblem(QwenRefresherError):
+    """A file in our state dir is not what the daemon writes there (a FIFO, a directory, a
+    symlink, a huge or garbled file). Readers (``published``) name it and carry on without it;
+    ``status`` shows it and exits 1. ``path`` is kept as given (text on status's path)."""
+
+    metric_label = "state_file"
+
+    def __init__(self, path: Path | str, problem: str) -> None:
+        self.path = path
+        self.problem = problem
+        super().__init__(f"{path}: {problem}")
+
+    def as_dict(self) -> dict[str, str]:
+        return {"path": str(self.path), "problem": self.problem}
+
+
 class StoreError(QwenRefresherError):
     """A store file cannot be used. ``path`` is the file as the user knows it."""
 
@@ -151,7 +193,7 @@ class StoreError(QwenRefresherError):
     result: ClassVar[FailedResult | None] = "unavailable"
 
     def __init__(self, path: Path | str, problem: str) -> None:
-        self.path = Path(path)
+        self.path = _as_path(path)
         self.problem = problem
         super().__init__(f"{path}: {problem}")
 

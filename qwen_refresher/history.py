@@ -26,7 +26,7 @@ import contextlib
 import os
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -35,6 +35,8 @@ from .models import Credentials
 #: Lineage links kept: several rotations' worth for thousands of profiles (each link is two
 #: 24-character hex strings, ~200 bytes with the dict: ~10 MB at the cap).
 MAX_LINKS = 50_000
+#: Links ``linked_since`` can still list; a caller further behind recomputes in full.
+RECENT_LINKS = 4096
 
 
 class TokenHistory:
@@ -46,6 +48,10 @@ class TokenHistory:
         self._latest: dict[str, Credentials] = {}
         self._issued: dict[str, float] = {}
         self._observed: OrderedDict[str, str] = OrderedDict()
+        #: How many links were made (``load`` counts as ``RECENT_LINKS`` + 1: "everything"),
+        #: and the fingerprints the latest of them superseded (``linked_since``).
+        self._serial = 0
+        self._recent: deque[str] = deque(maxlen=RECENT_LINKS)
 
     # -- lineage ----------------------------------------------------------------------------
     def link(self, old: str, new: str) -> None:
@@ -64,7 +70,18 @@ class TokenHistory:
             self._successors.move_to_end(old)
             while len(self._successors) > MAX_LINKS:
                 self._successors.popitem(last=False)
+            self._forget_superseded(old)
+            self._serial += 1
+            self._recent.append(old)
             self._append(f"{old} {new}\n")
+
+    def _forget_superseded(self, fp: str) -> None:
+        """Drop what we keep of ``fp`` now that it is superseded (caller holds ``_lock``):
+        ``_latest`` and ``_issued`` hold lineage heads only. Done at the one place a head
+        stops being one, instead of a scan of every remembered token per ``remember`` (two
+        passes over 2,000 entries per rotation in a storm)."""
+        self._latest.pop(fp, None)
+        self._issued.pop(fp, None)
 
     def _append(self, line: str) -> None:
         """One line onto the log (caller holds ``_lock``: lines land in the order made)."""
@@ -137,6 +154,12 @@ class TokenHistory:
                 self._successors.popitem(last=False)
             while len(self._observed) > MAX_LINKS:
                 self._observed.popitem(last=False)
+            self._serial += RECENT_LINKS + 1
+            self._recent.clear()
+            for old in [k for k in self._latest if k in self._successors]:
+                self._forget_superseded(old)
+            for old in [k for k in self._issued if k in self._successors]:
+                self._forget_superseded(old)
             if len(lines) > len(self._successors) + len(self._observed):
                 from .fileio import atomic_write
 
@@ -171,6 +194,19 @@ class TokenHistory:
         callers holding thousands of fingerprints of which a handful are superseded."""
         with self._lock:
             return self._successors.keys() & fps
+
+    def linked_since(self, serial: int) -> tuple[list[str] | None, int]:
+        """(the fingerprints superseded by links made after ``serial``, the serial now);
+        None instead of the list when more were made than are kept (``load`` counts as
+        that): the caller then asks ``superseded_among`` in full. Lets a caller keep its own
+        "which of mine are superseded" up to date per link instead of intersecting thousands
+        of fingerprints with every link on each question."""
+        with self._lock:
+            behind = self._serial - serial
+            if behind < 0 or behind > len(self._recent):
+                return None, self._serial
+            recent, n = self._recent, len(self._recent)
+            return [recent[i] for i in range(n - behind, n)], self._serial  # the newest
 
     def superseded(self) -> list[str]:
         with self._lock:
@@ -208,14 +244,14 @@ class TokenHistory:
         at half its life, not by the margin alone).
         """
         with self._lock:
+            if fp in self._successors:
+                # Keep only lineage heads: anything superseded is dead weight (and a dead
+                # secret). ``link`` drops a head's entries when it stops being one.
+                self._forget_superseded(fp)
+                return
             self._latest[fp] = creds
             if issued_at is not None:
                 self._issued[fp] = issued_at
-            # Keep only lineage heads: anything superseded is dead weight (and a dead secret).
-            for old in [k for k in self._latest if k in self._successors]:
-                del self._latest[old]
-            for old in [k for k in self._issued if k in self._successors]:
-                del self._issued[old]
 
     def issued_at(self, fp: str) -> float | None:
         with self._lock:

@@ -22,10 +22,8 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from urllib.parse import quote, quote_plus
-
-import ahocorasick
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # ``status`` imports this module to redact its output: no typing, no logging
@@ -42,17 +40,30 @@ MASK = "[redacted]"
 MAX_SECRETS = 100_000
 #: How long a secret added without an explicit lifetime is scrubbed.
 DEFAULT_KEEP = 24 * 3600.0
-#: Secrets added since the last merge into the large tier.
-RECENT_TIER = 256
-#: Longest secret put in the automaton; longer ones are scrubbed with a plain replace.
-MAX_AUTOMATON_WORD = 16 * 1024
+#: Additions between two passes that forget expired secrets.
+EXPIRY_PASS = 256
+#: Longest secret indexed; longer ones are scrubbed with a plain replace of their forms.
+MAX_INDEXED_SECRET = 16 * 1024
 #: Shorter strings are not treated as secrets (they would mask ordinary words).
 MIN_SECRET = 8
-#: Automaton keys are runs of ``KEY_CHARS`` characters taken from the forms of a secret (a hit
-#: is then checked against the whole form): the trie's size follows the number of keys, not
-#: the length of the forms, which keeps a dozen encodings of a token about as cheap as the
-#: raw token alone was. Every form is at least ``MIN_SECRET`` long, so holds a whole key.
+#: Index keys are windows of ``KEY_CHARS`` characters of a form that start with an anchor
+#: character (a hit is then checked against the whole form). Every form is at least
+#: ``MIN_SECRET`` long, so can hold a whole key.
 KEY_CHARS = MIN_SECRET
+#: Anchor characters: digits and upper-case letters. Every hex, base64, percent- or
+#: ``\u``-escaped form has them, and so has a random token; ordinary text has few (fewer
+#: windows to look up per scan). A form without one is searched whole (``Redactor._plain``).
+_ANCHOR_CHARS = "0-9A-Z"
+#: An anchor and the ``KEY_CHARS - 1`` characters after it; the match consumes the anchor
+#: only, so windows overlap, and a leading character class lets the regex engine skip
+#: ahead to the next anchor in C (a leading lookahead tried every position: 1.6x slower).
+_WINDOW = re.compile(f"[{_ANCHOR_CHARS}](?=([\\s\\S]{{{KEY_CHARS - 1}}}))")
+_LAST_ANCHOR = re.compile(f"[\\s\\S]*([{_ANCHOR_CHARS}])")
+_ANCHORS = frozenset("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+#: Texts longer than this are windowed in chunks (bounded transient memory).
+_CHUNK = 64 * 1024
+#: Secrets whose forms stay cached (a hit re-derives the forms of the secret it names).
+FORMS_CACHE = 256
 _PERCENT_HEX = re.compile(r"%[0-9A-F]{2}")
 _JSON_U = re.compile(r"\\u[0-9a-f]{4}")
 #: Characters that URL-encoding (RFC 3986 "unreserved") and JSON leave as they are.
@@ -126,110 +137,70 @@ def secret_forms(secret: str) -> set[str]:
     return {f for f in forms if len(f) >= MIN_SECRET}
 
 
-@functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=FORMS_CACHE)
 def _forms(secret: str) -> tuple[str, ...]:
     """``secret_forms`` as a tuple, cached: a hit re-derives the forms of the secret it
     names instead of the redactor keeping every form of every secret in memory."""
     return tuple(sorted(secret_forms(secret), key=len, reverse=True))
 
 
-def _keys(secret: str) -> str:
-    """The automaton keys of ``secret``, concatenated, ``KEY_CHARS`` characters each.
+def _anchor_key(form: str) -> str | None:
+    """The window of ``form`` the index files it under: the last ``KEY_CHARS`` characters
+    starting with an anchor character (``_ANCHOR_CHARS``), or None if it has none. The index
+    keeps the hash of the window without its anchor (``_WINDOW`` yields that part).
 
-    Every form must contain a key. Most forms share long runs (a token's URL-encoded forms
-    end like the token; its padded, unpadded and inner base64 runs start alike), so keys
-    are picked shortest form first and a form that already contains a picked key adds none:
-    a typical token needs five or six keys for its dozen forms.
+    The *last* window, not the first: tokens often share their start (a JWT's header, a
+    vendor prefix) but not their end, so keys of different secrets rarely collide.
+    """
+    if form[-KEY_CHARS] in _ANCHORS:  # the usual case (a random token's forms): no regex
+        return form[-KEY_CHARS:]
+    found = _LAST_ANCHOR.match(form, 0, len(form) - KEY_CHARS + 1)
+    return None if found is None else form[found.start(1):found.start(1) + KEY_CHARS]
+
+
+def _index_entry(secret: str) -> tuple[set[int], tuple[str, ...]]:
+    """(the hashes of ``secret``'s keys, its forms that have no key and are searched whole).
+
+    Forms are taken shortest first, and one that already contains a picked key needs none of
+    its own (the key is among the windows of any text holding that form): a token's padded
+    and unpadded, standard and URL-safe base64 runs mostly share one, so a typical token
+    needs four or five keys for its dozen forms.
     """
     keys: list[str] = []
-    for form in sorted(_forms(secret), key=len):
-        if not any(key in form for key in keys):
-            keys.append(form[-KEY_CHARS:])
-    return "".join(keys)
-
-
-#: How long to keep scrubbing a secret, and its automaton keys (``_keys``).
-_Entry = tuple[float, str]
-
-
-class _Tier:
-    """A set of secrets and the automaton that finds them (built lazily when it changed).
-
-    The automaton maps each key (``_keys``) to its secret, or to the secrets when several
-    share it; a key hit is only a candidate, confirmed by comparing the whole form, which
-    is derived again from the secret (``_forms``, cached) rather than kept for every secret.
-    """
-
-    def __init__(self) -> None:
-        self.secrets: dict[str, _Entry] = {}  # raw secret -> (keep until, its keys)
-        self._automaton: Any = None
-        self._rebuild = False  # the set was replaced: build a new automaton
-        self._pending: list[str] = []  # added since the automaton was made
-
-    def add(self, secret: str, until: float) -> None:
-        known = self.secrets.get(secret)
-        if known is None:
-            self.secrets[secret] = (until, _keys(secret))
-            self._pending.append(secret)
-        elif until > known[0]:
-            self.secrets[secret] = (until, known[1])
-
-    def put(self, secret: str, entry: _Entry) -> None:
-        """Add with its keys already computed (a merge from the other tier)."""
-        known = self.secrets.get(secret)
-        if known is None:
-            self.secrets[secret] = entry
-            self._pending.append(secret)
-        elif entry[0] > known[0]:
-            self.secrets[secret] = (entry[0], known[1])
-
-    def replace(self, secrets: dict[str, _Entry]) -> None:
-        self.secrets, self._rebuild, self._pending = secrets, True, []
-
-    def automaton(self) -> Any:
-        """The automaton, brought up to date: rebuilt after ``replace``, extended in place
-        after ``add`` (a rotation adds a handful of keys, not a rebuild of the tier)."""
-        if self._rebuild:
-            self._automaton = ahocorasick.Automaton() if self.secrets else None
-            self._rebuild, self._pending = False, list(self.secrets)
-        if self._pending:
-            automaton = self._automaton
-            if automaton is None:
-                automaton = self._automaton = ahocorasick.Automaton()
-            for secret in self._pending:
-                keys = self.secrets[secret][1]
-                for i in range(0, len(keys), KEY_CHARS):
-                    key = keys[i:i + KEY_CHARS]
-                    owner = automaton.get(key, None)
-                    if owner is None:
-                        automaton.add_word(key, secret)
-                    elif owner != secret and secret not in owner:  # two secrets, one key
-                        automaton.add_word(
-                            key, (*(owner if isinstance(owner, tuple) else (owner,)), secret))
-            automaton.make_automaton()
-            self._pending = []
-        return self._automaton
-
-
-def _find(automaton: Any, text: str, spans: list[tuple[int, int]]) -> None:
-    """Append the spans of ``text`` that hold a whole form of a secret whose key it hit.
-
-    A key hit only names a candidate secret; its forms are then searched with ``str.find``.
-    Checking each hit in place instead would cost the text's length times the form's for a
-    hostile low-entropy token (``aaaa…``) echoed in a long body; this stays linear.
-    """
-    candidates: set[str] = set()
-    for _, owner in automaton.iter(text):
-        if isinstance(owner, tuple):
-            candidates.update(owner)
+    plain: list[str] = []
+    for form in reversed(_forms(secret)):  # shortest first
+        if any(key in form for key in keys):
+            continue
+        key = _anchor_key(form)
+        if key is None:
+            plain.append(form)
         else:
-            candidates.add(owner)
-    for secret in candidates:
-        for form in _forms(secret):
-            at = text.find(form)
-            while at >= 0:
-                spans.append((at, at + len(form)))
-                at = text.find(form, at + len(form))
+            keys.append(key)
+    return {hash(key[1:]) for key in keys}, tuple(plain)
+
+
+def _windows(text: str) -> Iterator[set[int]]:
+    """The hashes of every window of ``text`` that could be a key (the ``KEY_CHARS - 1``
+    characters after each anchor character), one set per chunk of ``_CHUNK`` characters.
+    Found by the regex engine, hashed and collected in C (``map``/``set``). Chunks, and the
+    caller intersecting each with the index before the next is made, keep the transient
+    small: the windows of a whole 2,000-row state.json at once were ~150,000 ints in one set
+    (several MB, whose freed pools then held the idle daemon's RSS up)."""
+    if len(text) <= _CHUNK:
+        yield set(map(hash, _WINDOW.findall(text)))
+        return
+    for at in range(0, len(text), _CHUNK):
+        yield set(map(hash, _WINDOW.findall(text[at:at + _CHUNK + KEY_CHARS - 1])))
+
+
+def _find_forms(forms: tuple[str, ...], text: str, spans: list[tuple[int, int]]) -> None:
+    """Append the spans of ``text`` that hold one of ``forms`` whole: ``str.find`` per form,
+    so a hostile low-entropy token (``aaaa…``) echoed in a long body stays linear."""
+    for form in forms:
+        at = text.find(form)
+        while at >= 0:
+            spans.append((at, at + len(form)))
+            at = text.find(form, at + len(form))
 
 
 def _mask(text: str, spans: list[tuple[int, int]]) -> str:
@@ -254,23 +225,30 @@ class Redactor:
     """Knows the secrets in play and scrubs them from anything about to be printed.
 
     A daemon with a thousand stores knows thousands of tokens, and every log line must be
-    checked against all of them, tokens that may share long prefixes (a JWT's header). An
-    Aho-Corasick automaton (pyahocorasick) finds every one of them in one pass over the line,
-    whatever their number. Secrets live in two tiers, like an LSM tree: new ones go to a small
-    tier that is cheap to extend after every rotation, and are merged into the large tier
-    only every ``RECENT_TIER`` additions. ``retain`` drops secrets that are neither live nor
-    recent, so memory follows the number of profiles, not the number of refreshes.
+    checked against all of them, in all their forms (``secret_forms``: a dozen for a token
+    with ``+/=``), wherever they sit in the text (a base64 form inside a longer payload).
+    Memory must follow the number of secrets at a few hundred bytes each, and adding one
+    (every rotation) must cost the same whatever their number.
 
-    Each secret is looked for in all its forms (``secret_forms``, a dozen for a token with
-    ``+/=``), through a few short keys per secret (``_keys``): the automaton is smaller than
-    one holding the raw tokens whole, and a hit is confirmed by searching the forms.
+    So each form is filed under one short window of itself, its *key* (``_anchor_key``: the
+    last ``KEY_CHARS`` characters that start with an anchor character), and the index keeps
+    only the key's hash -> the secret(s). A scan takes every anchored window of the text
+    (``_windows``, in C), intersects their hashes with the index, and confirms each
+    candidate secret by searching its forms, derived again (``_forms``, cached) rather than
+    kept. A form occurring in the text puts its own key among the text's windows, so
+    nothing is missed; a form without an anchored window (a token of lower-case letters and
+    punctuation only) is kept whole and searched with ``str.find``. ``retain`` and the
+    expiry pass drop secrets that are neither live nor recent, so memory follows the number
+    of profiles, not the number of refreshes.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._stable = _Tier()
-        self._recent = _Tier()
+        self._until: dict[str, float] = {}  # raw secret -> scrub at least until
+        self._index: dict[int, str | set[str]] = {}  # key hash -> its secret(s)
+        self._plain: dict[str, tuple[str, ...]] = {}  # secret -> its forms without a key
         self._long: dict[str, None] = {}  # forms of absurdly long secrets, oldest first
+        self._added = 0  # additions since the last expiry pass
 
     def add(self, *secrets: str | None, until: float | None = None) -> None:
         """Scrub these, in every encoding (``secret_forms``), from now on, at least until
@@ -281,54 +259,81 @@ class Redactor:
         """
         now = time.time()
         keep = until if until is not None else now + DEFAULT_KEEP
+        fresh = [s for s in secrets if s and MIN_SECRET <= len(s) <= MAX_INDEXED_SECRET]
+        entries = {s: _index_entry(s) for s in fresh if s not in self._until}
         with self._lock:
             for secret in secrets:
-                if not secret or len(secret) < MIN_SECRET:
-                    continue
-                if len(secret) > MAX_AUTOMATON_WORD:
-                    # Such a "token" is absurd, but must still be scrubbed: a plain replace,
-                    # since a run of one repeated character would hit its key everywhere.
+                if secret and len(secret) > MAX_INDEXED_SECRET:
+                    # Such a "token" is absurd, but must still be scrubbed: a plain replace
+                    # of its forms, without caching megabytes of them.
                     for form in sorted(secret_forms(secret), key=len, reverse=True):
                         self._long[form] = None
                     while len(self._long) > 16 * 16:
                         del self._long[next(iter(self._long))]
+            for secret in fresh:
+                known = self._until.get(secret)
+                if known is not None:
+                    self._until[secret] = max(known, keep)
                     continue
-                stable = self._stable.secrets.get(secret)
-                if stable is not None:
-                    self._stable.secrets[secret] = (max(keep, stable[0]), stable[1])
-                else:
-                    self._recent.add(secret, keep)
-            if len(self._recent.secrets) > RECENT_TIER:
-                self._merge(now)
+                self._until[secret] = keep
+                keys, plain = entries.get(secret) or _index_entry(secret)
+                self._file(secret, keys, plain)
+                self._added += 1
+            if self._added >= EXPIRY_PASS:
+                self._added = 0
+                self._expire(now)
 
-    def _merge(self, now: float) -> None:
-        """Move the recent tier into the large one: in place when few of the large tier's
-        secrets have expired (a start-up reading thousands of stores merges often), else
-        rebuilt without the expired ones (memory follows live secrets under churn)."""
-        stable = self._stable.secrets
-        expired = sum(1 for until, _ in stable.values() if until < now)
-        if expired * 4 <= len(stable) and len(stable) + RECENT_TIER <= MAX_SECRETS:
-            for secret, entry in self._recent.secrets.items():
-                self._stable.put(secret, entry)
-        else:
-            merged = {s: e for s, e in {**stable, **self._recent.secrets}.items()
-                      if e[0] >= now}
-            while len(merged) > MAX_SECRETS:  # bounded: forget the oldest
-                del merged[next(iter(merged))]
-            self._stable.replace(merged)
-        self._recent.replace({})
+    def _file(self, secret: str, keys: set[int], plain: tuple[str, ...]) -> None:
+        index = self._index
+        for key in keys:
+            owner = index.get(key)
+            if owner is None:
+                index[key] = secret
+            elif isinstance(owner, set):
+                owner.add(secret)
+            elif owner != secret:  # two secrets, one key
+                index[key] = {owner, secret}
+        if plain:
+            self._plain[secret] = plain
+
+    def _forget(self, secret: str) -> None:
+        """Drop ``secret`` and its keys (derived again: cheaper than keeping them)."""
+        del self._until[secret]
+        self._plain.pop(secret, None)
+        keys, _ = _index_entry(secret)
+        index = self._index
+        for key in keys:
+            owner = index.get(key)
+            if owner == secret:
+                del index[key]
+            elif isinstance(owner, set):
+                owner.discard(secret)
+                if len(owner) == 1:
+                    index[key] = next(iter(owner))
+
+    def _expire(self, now: float) -> None:
+        """Forget expired secrets once they are a quarter of those known (a start-up that
+        reads thousands of stores does not pay a pass per store), and the oldest beyond
+        ``MAX_SECRETS``."""
+        expired = [s for s, until in self._until.items() if until < now]
+        if expired and len(expired) * 4 > len(self._until):
+            for secret in expired:
+                self._forget(secret)
+        while len(self._until) > MAX_SECRETS:  # bounded: forget the oldest
+            self._forget(next(iter(self._until)))
 
     def retain(self, live: set[str]) -> None:
         """Forget secrets that are not ``live`` and whose keep-until time has passed."""
         now = time.time()
         with self._lock:
-            merged = {**self._stable.secrets, **self._recent.secrets}
-            self._stable.replace({s: e for s, e in merged.items() if s in live or e[0] >= now})
-            self._recent.replace({})
+            for secret in [s for s, until in self._until.items()
+                           if until < now and s not in live]:
+                self._forget(secret)
+            self._added = 0
 
     def __len__(self) -> int:
         """Secrets known (each stands for all its forms)."""
-        return len(self._stable.secrets) + len(self._recent.secrets)
+        return len(self._until)
 
     def scrub(self, text: str) -> str:
         """``text`` with every known secret, in any of its forms, replaced by MASK."""
@@ -338,11 +343,23 @@ class Redactor:
             text = text.replace(form, MASK)
         if len(text) < MIN_SECRET:
             return text
+        candidates: set[str] = set()
+        for windows in _windows(text):
+            with self._lock:
+                index = self._index
+                for key in windows & index.keys():
+                    owner = index[key]
+                    if isinstance(owner, set):
+                        candidates |= owner
+                    else:
+                        candidates.add(owner)
+        with self._lock:
+            plain = list(self._plain.values())
         spans: list[tuple[int, int]] = []
-        with self._lock:  # held while scanning: ``add`` extends the automata in place
-            for automaton in (self._stable.automaton(), self._recent.automaton()):
-                if automaton is not None:
-                    _find(automaton, text, spans)
+        for secret in candidates:
+            _find_forms(_forms(secret), text, spans)
+        for forms in plain:
+            _find_forms(forms, text, spans)
         return _mask(text, spans) if spans else text
 
     def scrub_value(self, value: Any) -> Any:

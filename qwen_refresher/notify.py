@@ -1,20 +1,16 @@
-"""Telling a person that a profile needs a new login, where they are, and when it is fixed.
+"""Delivering a notice about a login: the hook, apprise, the desktop. Delivery only.
 
-When Qwen refuses a refresh token only a new login helps, and until now people learned it when
-their agent stopped answering. The daemon hands every published status to ``Notifier.update``;
-the notifier turns the *transitions* into notices:
+Which notices to send, and when, is decided elsewhere: ``runtime.relogin.LoginEpisodes``
+follows every profile's ``needs_login`` episode (first notice, reminders, the assisted login's
+code, recovery) and hands each notice to a ``Courier`` from here. This module knows how a
+notice reads (``Notice``: one text for every channel) and how it travels:
 
-* a profile enters ``needs_login``: one notice (the ``on_needs_login`` hook, every apprise URL
-  in ``notify_urls``, and a desktop notification on a desktop session), saying which profile
-  and store, what the server said, and the exact command to run. With ``auto_login`` the
-  daemon also starts a device-code login for the profile's family and the notice carries its
-  ``verification_uri_complete``: approving on a phone is the whole re-login;
-* it still needs a login ``remind_interval`` after the last notice: a reminder (with a fresh
-  code if the last one expired unapproved);
-* it leaves ``needs_login`` for a healthy state: one "recovered" notice.
+* the ``on_needs_login`` hook (for every event, told apart by ``EVENT``);
+* every apprise URL in ``notify_urls``;
+* ``notify-send`` on a desktop session.
 
-Delivery happens on one worker thread, so ``update`` never blocks the daemon on a slow hook or
-a dead webhook; every failure to notify is logged and otherwise ignored. Messages, hook
+Delivery happens on one worker thread, so queueing a notice never blocks the daemon on a slow
+hook or a dead webhook; every failure to notify is logged and otherwise ignored. Messages, hook
 variables and logs never contain a token (the notice text is also run through the redactor);
 apprise URLs carry their own secrets (bot tokens, passwords), so they are never logged either.
 """
@@ -29,12 +25,11 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from . import discovery
 from .config import Settings
 from .errors import ConfigError
 from .escape import printable, shell_join
@@ -45,21 +40,12 @@ from .state import ProfileStatus
 
 if TYPE_CHECKING:
     from .protocols import Logger
-    from .qwen import DeviceAuthorization
-    from .runtime.relogin import AssistedLogin
-    from .stores import Store
 
 Event = Literal["needs_login", "reminder", "recovered"]
 
 NOTIFY_SETTING = "notify_urls (QWEN_REFRESHER_NOTIFY_URLS)"
-#: States that mean the profile works again: refreshing resumed (``retrying`` is a transient
-#: failure of a token the server has not refused). ``expired`` and ``invalid_store`` are not
-#: a recovery: the person still has something to do, so the episode stays open, silently.
-RECOVERED_STATES = frozenset({"ok", "due", "refreshing", "retrying"})
 DESKTOP_ENV = ("DISPLAY", "WAYLAND_DISPLAY", "DBUS_SESSION_BUS_ADDRESS")
 DESKTOP_TIMEOUT = 10.0
-#: How long a notice waits for the assisted login's code before it goes out without one.
-CODE_WAIT_MIN = 10.0
 
 
 # --------------------------------------------------------------------------- set-up checks
@@ -240,62 +226,26 @@ def _ago(seconds: float) -> str:
     return f"{seconds / 86400:.1f} days"
 
 
-# --------------------------------------------------------------------------- the notifier
-
-
-@dataclass
-class _Episode:
-    """One stretch of ``needs_login`` of one profile, from the first notice to recovery."""
-
-    family: str
-    started_at: float
-    last_notice_at: float
-    status: ProfileStatus
-
-
-@dataclass
-class _Waiting:
-    """A notice held back until the family's assisted-login code arrives."""
-
-    key: tuple[str, str]
-    event: Event
-    queued_at: float
+# --------------------------------------------------------------------------- delivery
 
 
 _STOP = object()
 
 
-class Notifier:
-    """Turns status transitions into notices; thread-safe, never blocks the caller.
+class Courier:
+    """Delivers notices in order on one worker thread; ``send`` never blocks the caller.
 
-    ``update`` is cheap (no I/O): it diffs, decides, and queues. One worker thread delivers,
-    in order: the ``on_needs_login`` hook (for every event, told apart by ``EVENT``), apprise,
-    then ``notify-send``. ``close`` drains the queue (bounded) and also closes the
-    ``AssistedLogin`` it was given.
+    For each notice, in turn: the ``on_needs_login`` hook, apprise, then ``notify-send``; a
+    channel failing does not stop the others. ``close`` delivers what is queued (bounded).
     """
 
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        log: Logger,
-        assisted_login: AssistedLogin | None = None,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
+    def __init__(self, settings: Settings, *, log: Logger) -> None:
         self.settings = settings
         self.log = log
-        self.assisted = assisted_login
-        self.clock = clock
-        self._lock = threading.Lock()
-        self._episodes: dict[tuple[str, str], _Episode] = {}
-        self._codes: dict[str, LoginCode] = {}  # family -> live code of its assisted login
-        self._starting: set[str] = set()  # families whose login started but has no code yet
-        self._waiting: dict[str, list[_Waiting]] = {}
         self._queue: queue.Queue[Notice | object] = queue.Queue()
         self._closed = False
         self._desktop = desktop_command(settings)
         self._apprise = self._make_apprise(settings.notify_urls)
-        self._code_wait = max(CODE_WAIT_MIN, 2 * settings.http_timeout + 5)
         self._worker = threading.Thread(target=self._work, name="notifier", daemon=True)
         self._worker.start()
 
@@ -316,120 +266,8 @@ class Notifier:
                 self.log.error("notify_url_invalid", entry=index, kind=_scheme(url.strip()))
         return target if len(target) else None
 
-    # -- deciding ---------------------------------------------------------------------------
-    def update(self, profiles: list[ProfileStatus]) -> None:
-        """Diff ``profiles`` (every profile the daemon knows) against the last call and queue
-        the notices the transitions call for. Call it after each publish and at least once a
-        minute: reminders and held-back notices are only sent from here."""
-        now = self.clock()
-        current = {(p["store"], p["profile"]): p for p in profiles}
-        with self._lock:
-            if self._closed:
-                return
-            for key, ended in list(self._episodes.items()):
-                status = current.get(key)
-                if status is None:
-                    # The store or profile is gone (Qwen Code deletes its file on a refusal):
-                    # nothing left to log in here, and nothing recovered either.
-                    self._end_episode(key, ended)
-                    self.log.info("needs_login_gone", store=key[0], profile=key[1])
-                elif status["state"] in RECOVERED_STATES:
-                    self._end_episode(key, ended)
-                    self._send(Notice("recovered", status.copy(), since=ended.started_at,
-                                      now=now))
-            for key, status in current.items():
-                if status["state"] != "needs_login" or not key[1]:
-                    continue
-                episode = self._episodes.get(key)
-                if episode is None:
-                    episode = _Episode(_family_id(status), now, now, status)
-                    self._episodes[key] = episode
-                    self._announce("needs_login", key, episode, profiles, now)
-                elif now - episode.last_notice_at >= self.settings.remind_interval:
-                    episode.status, episode.last_notice_at = status, now
-                    self._announce("reminder", key, episode, profiles, now)
-                else:
-                    episode.status = status
-            self._flush_overdue(now)
-
-    def _end_episode(self, key: tuple[str, str], episode: _Episode) -> None:
-        del self._episodes[key]
-        for family, items in list(self._waiting.items()):
-            self._waiting[family] = [w for w in items if w.key != key]
-        family = episode.family
-        if self.assisted is not None and not any(e.family == family
-                                                 for e in self._episodes.values()):
-            # Logged in some other way: stop polling, or a late approval would replace it.
-            self.assisted.cancel(family)
-
-    def _announce(self, event: Event, key: tuple[str, str], episode: _Episode,
-                  profiles: list[ProfileStatus], now: float) -> None:
-        family = episode.family
-        if self.assisted is None:
-            self._send(self._notice(event, episode, None, now))
-            return
-        code = self._codes.get(family)
-        if code is not None and code.expires_at <= now:
-            code = None
-            del self._codes[family]
-        if code is None and family not in self._starting and self._start_login(
-                family, episode, profiles):
-            self._starting.add(family)
-        if code is None and family in self._starting:
-            self._waiting.setdefault(family, []).append(_Waiting(key, event, now))
-            return
-        self._send(self._notice(event, episode, code, now))
-
-    def _start_login(self, family: str, episode: _Episode,
-                     profiles: list[ProfileStatus]) -> bool:
-        assert self.assisted is not None
-        targets = _family_targets(family, episode.status, profiles)
-        try:
-            return self.assisted.start(
-                targets, family,
-                lambda auth: self._code_ready(family, auth),
-                on_end=lambda error: self._login_ended(family, error))
-        except Exception as exc:  # never let the login helper take the daemon down
-            self.log.warning("assisted_login_not_started", error=str(exc))
-            return False
-
-    def _notice(self, event: Event, episode: _Episode, code: LoginCode | None,
-                now: float) -> Notice:
-        return Notice(event, episode.status.copy(), code, since=episode.started_at, now=now)
-
-    def _code_ready(self, family: str, auth: DeviceAuthorization) -> None:
-        """From the assisted login's thread: the code exists, send what waited for it."""
-        with self._lock:
-            now = self.clock()
-            code = LoginCode(auth.verification_uri_complete or auth.verification_uri,
-                             auth.verification_uri, auth.user_code, now + auth.expires_in)
-            self._codes[family] = code
-            self._starting.discard(family)
-            self._release(family, code, now)
-
-    def _login_ended(self, family: str, error: BaseException | None) -> None:
-        """The flow is over (written, expired, denied, cancelled): its code is dead."""
-        with self._lock:
-            self._codes.pop(family, None)
-            self._starting.discard(family)
-            self._release(family, None, self.clock())
-
-    def _release(self, family: str, code: LoginCode | None, now: float) -> None:
-        for waiting in self._waiting.pop(family, []):
-            episode = self._episodes.get(waiting.key)
-            if episode is not None:
-                self._send(self._notice(waiting.event, episode, code, now))
-
-    def _flush_overdue(self, now: float) -> None:
-        """A code that never comes (network down) must not swallow the notice."""
-        for family, items in list(self._waiting.items()):
-            if items and now - items[0].queued_at >= self._code_wait:
-                self.log.warning("assisted_login_code_late", family=family[:12],
-                                 message="notifying without a login link")
-                self._release(family, None, now)
-
-    # -- delivering -------------------------------------------------------------------------
-    def _send(self, notice: Notice) -> None:
+    def send(self, notice: Notice) -> None:
+        """Queue ``notice`` for delivery (dropped once closed)."""
         if not self._closed:
             self._queue.put(notice)
 
@@ -499,7 +337,6 @@ class Notifier:
                              error=(proc.stderr or proc.stdout).strip()[-200:]
                              or f"exit code {proc.returncode}")
 
-    # -- lifecycle --------------------------------------------------------------------------
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until everything queued so far is delivered (tests, orderly shutdown)."""
         deadline = time.monotonic() + timeout
@@ -510,37 +347,12 @@ class Notifier:
         return True
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stop the assisted logins, deliver what is queued (at most ``timeout``), stop."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        deadline = time.monotonic() + timeout
-        if self.assisted is not None:
-            self.assisted.close(timeout / 2)
+        """Deliver what is queued (at most ``timeout``), then stop the worker."""
+        if self._closed:
+            return
+        self._closed = True
         self._queue.put(_STOP)
-        self._worker.join(max(0.0, deadline - time.monotonic()))
+        self._worker.join(max(0.0, timeout))
         if self._worker.is_alive():
             self.log.warning("notify_unsent", pending=self._queue.qsize(),
                              message="shutting down with notices still queued")
-
-
-def _family_id(status: ProfileStatus) -> str:
-    """Profiles sharing a refresh token share a family id; a lone profile is its own family."""
-    return status.get("family") or f"{status['store']}#{status['profile']}"
-
-
-def _family_targets(family: str, status: ProfileStatus,
-                    profiles: list[ProfileStatus]) -> list[tuple[Store, str]]:
-    """Every (store, profile) of the family: one login, written to all who shared the token."""
-    members = [status]
-    if status.get("family"):
-        members = [p for p in profiles if p["profile"] and _family_id(p) == family] or members
-    targets: list[tuple[Store, str]] = []
-    for member in members:
-        try:
-            store = discovery.open_store(Path(member["store"]), member["store_kind"])
-        except KeyError:
-            continue
-        targets.append((store, member["profile"]))
-    return targets

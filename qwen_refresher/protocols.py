@@ -5,7 +5,7 @@ Modelled on ``structlog.typing``: small structural types, checked by mypy, satis
 real classes without inheriting from anything, and by a test's own small fake just as well.
 A seam typed ``Any`` checks nothing: a renamed method or a wrong argument would only show up at
 run time, in the one code path that calls it. These are what ``Daemon``/``runtime`` attributes,
-``Store.lock(stop=...)``, ``AssistedLogin(log=...)`` and ``Notifier(log=...)`` are typed with.
+``Store.lock(stop=...)``, ``AssistedLogin(log=...)`` and ``LoginEpisodes(log=...)`` are typed with.
 
 Who satisfies what (checked in ``tests/test_errors.py``):
 
@@ -15,7 +15,7 @@ Who satisfies what (checked in ``tests/test_errors.py``):
 ``StopSignal``        ``threading.Event`` (the daemon's stop event)
 ``MetricsSink``       ``metrics.Metrics``
 ``HealthEndpoint``    ``health.HealthServer``
-``NotifierLike``      ``notify.Notifier``
+``NotifierLike``      ``runtime.relogin.LoginEpisodes``
 ====================  ===============================================================
 """
 

@@ -28,11 +28,18 @@ from .published import (
     MAX_STATE_BYTES,
     SCHEMA_VERSION,
     STATE_FILE,
-    StateFileProblem,
+    as_number,
+    as_text,
     daemon_pid,
     open_state_file,
+    profile_row,
+    published_by,
+    published_profiles,
+    published_stores,
     read_published,
     read_state_file,
+    state_file_problem,
+    store_row,
 )
 from .report import (
     DEGRADED_STATES,
@@ -52,7 +59,6 @@ from .settings_core import (
     DEFAULT_MARGIN,
     ENV_PREFIX,
     CoreSettings,
-    SettingsError,
     configured_agent_dirs,
     kind_of,
 )
@@ -62,12 +68,10 @@ TYPE_CHECKING = False  # ``typing`` costs ~3 ms per run; mypy treats this as Tru
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping, Sequence
     from pathlib import Path
-    from typing import Any
 
-    from .errors import StoreError
+    from .errors import SettingsError, StateFileProblem, StoreError
     from .state import (
         DaemonInfo,
-        HookStatus,
         ProfileState,
         ProfileStatus,
         PublishedState,
@@ -102,6 +106,8 @@ __all__ = [
     "families",
     "open_state_file",
     "past_expiry",
+    "profile_row",
+    "published_by",
     "published_profiles",
     "published_stores",
     "read_published",
@@ -110,6 +116,7 @@ __all__ = [
     "reload_failure",
     "resolve_settings",
     "seen_tokens",
+    "store_row",
     "summary_line",
     "where_we_looked",
 ]
@@ -125,6 +132,10 @@ def __getattr__(name: str) -> object:
         from .commands import status as command
 
         return getattr(command, name)
+    if name in ("SettingsError", "StateFileProblem"):  # their home is ``errors``: on demand
+        from . import errors
+
+        return getattr(errors, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 #: ``profile`` of a row that stands for a whole store file that could not be read.
@@ -136,100 +147,6 @@ def resolve_settings(args: object, env: Mapping[str, str]) -> CoreSettings:
     return resolve_core(env, config=getattr(args, "config", None),
                         state_dir=getattr(args, "state_dir", None),
                         stores=getattr(args, "store", None))
-
-
-# -- what the daemon published ----------------------------------------------------------------
-
-
-def as_number(value: object) -> float | None:
-    """A published number as a float, or None: a half-upgraded daemon must not crash us."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value)
-
-
-def as_text(value: object) -> str | None:
-    """A published string, or None for anything else."""
-    return value if isinstance(value, str) else None
-
-
-#: Every state a row can be in, for a hashable membership test.
-_STATES = frozenset(SEVERITY)
-
-
-def _coerce(raw: object) -> ProfileStatus | None:
-    """One published profile entry with the types we print; None if it is not one.
-
-    The state file is ours, but a health check must not crash on a half-upgraded daemon.
-    Written inline, without a call per field: at 1,000 profiles this runs 1,000 times on every
-    health check (``type(x) is T`` is exact for what ``json.loads`` returns, and leaves out
-    ``bool``, which is an ``int``).
-    """
-    if type(raw) is not dict:
-        return None
-    get = raw.get
-    store, profile = get("store"), get("profile")
-    if type(store) is not str or type(profile) is not str:
-        return None
-    kind, agent, family, state = get("store_kind"), get("agent"), get("family"), get("state")
-    exp, nxt, last = get("expires_at"), get("next_refresh_at"), get("last_refresh_at")
-    attempts, error, login = get("attempts"), get("last_error"), get("login_command")
-    row: ProfileStatus = {
-        "store": store,
-        "store_kind": kind if type(kind) is str and kind else "openclaw",
-        "agent": agent if type(agent) is str else None,
-        "profile": profile,
-        "family": family if type(family) is str else None,
-        "state": state if type(state) is str and state in _STATES else "invalid_store",
-        "expires_at": exp if type(exp) is float else float(exp) if type(exp) is int else None,
-        "next_refresh_at": nxt if type(nxt) is float else
-        float(nxt) if type(nxt) is int else None,
-        "last_refresh_at": last if type(last) is float else
-        float(last) if type(last) is int else None,
-        "attempts": attempts if type(attempts) is int else 0,
-        "last_error": error if type(error) is str else None,
-        "login_command": login if type(login) is str else None,
-    }
-    if "hook" in raw:
-        hook = _coerce_hook(raw["hook"])
-        if hook is not None:
-            row["hook"] = hook
-    return row
-
-
-def _coerce_hook(raw: object) -> HookStatus | None:
-    """The last ``on_rotate`` result of a profile, if the daemon published one."""
-    if not isinstance(raw, dict) or not isinstance(raw.get("ok"), bool):
-        return None
-    code, failures = raw.get("returncode"), raw.get("failures")
-    return {"ok": raw["ok"], "at": as_number(raw.get("at")) or 0.0,
-            "returncode": code if isinstance(code, int) and not isinstance(code, bool) else None,
-            "timed_out": raw.get("timed_out") is True, "output": as_text(raw.get("output")) or "",
-            "failing_since": as_number(raw.get("failing_since")),
-            "failures": failures if isinstance(failures, int) else 0,
-            "next_retry_at": as_number(raw.get("next_retry_at"))}
-
-
-def published_profiles(published: PublishedState) -> list[ProfileStatus]:
-    raw = published.get("profiles")
-    entries: list[Any] = raw if isinstance(raw, list) else []
-    return [row for entry in entries if (row := _coerce(entry)) is not None]
-
-
-def published_stores(published: PublishedState) -> list[StoreStatus]:
-    raw = published.get("stores")
-    entries: list[Any] = raw if isinstance(raw, list) else []
-    return [{"path": e["path"], "kind": as_text(e.get("kind")) or "openclaw",
-             "error": as_text(e.get("error"))}
-            for e in entries if isinstance(e, dict) and isinstance(e.get("path"), str)]
-
-
-def _published_by(published: PublishedState, pid: int | None) -> bool:
-    """The state file belongs to the daemon holding the lock, not to one that died before it."""
-    daemon = published.get("daemon")
-    if not isinstance(daemon, dict) or not isinstance(published.get("profiles"), list):
-        return False
-    return pid is None or pid <= 0 or daemon.get("pid") == pid
 
 
 # -- reading stores ourselves -----------------------------------------------------------------
@@ -286,12 +203,9 @@ def derive_state(expires_at: float, now: float, margin: float) -> ProfileState:
 
 def _row(store: Store, profile: str, state: ProfileState, *, expires_at: float | None = None,
          error: str | None = None, login: str | None = None) -> ProfileStatus:
-    return {
-        "store": str(store.path), "store_kind": store.kind, "agent": store.agent,
-        "profile": profile, "family": None, "state": state, "expires_at": expires_at,
-        "next_refresh_at": None, "last_refresh_at": None, "attempts": 0, "last_error": error,
-        "login_command": login,
-    }
+    """A row for a store this run read itself (``published.profile_row``)."""
+    return profile_row(str(store.path), store.kind, store.agent, profile, state,
+                       expires_at=expires_at, last_error=error, login_command=login)
 
 
 def _same_time(a: float | None, b: float | None) -> bool:
@@ -367,7 +281,7 @@ def collect_from_stores(found: Sequence[tuple[Path, str]], now: float, margin: f
         store = _store_for(path, kinds.get(str(path)))
         read = _read(store)
         error = read.problem if isinstance(read, StoreError) else None
-        statuses.append({"path": str(store.path), "kind": store.kind, "error": error})
+        statuses.append(store_row(str(store.path), store.kind, error))
         profiles += _rows_from_store(store, read, now, margin, known)
     return profiles, statuses
 
@@ -469,10 +383,8 @@ def _broken_store_rows(stores: Sequence[StoreStatus],
     """A row for each unusable store the daemon reported without any profile in it, so that
     the table shows why the exit code says degraded."""
     shown = {p["store"] for p in profiles}
-    return [{"store": s["path"], "store_kind": s["kind"], "agent": None,
-             "profile": WHOLE_STORE, "family": None, "state": "invalid_store",
-             "expires_at": None, "next_refresh_at": None, "last_refresh_at": None,
-             "attempts": 0, "last_error": s["error"], "login_command": None}
+    return [profile_row(s["path"], s["kind"], None, WHOLE_STORE, "invalid_store",
+                        last_error=s["error"])
             for s in stores if s["error"] and s["path"] not in shown]
 
 
@@ -482,7 +394,7 @@ def collect(settings: CoreSettings, env: Mapping[str, str], now: float) -> Repor
     state_dir = settings.state_dir_text  # text: no pathlib on the fast path
     pid = daemon_pid(state_dir, problems)
     published, published_at = read_published(state_dir, problems)
-    if pid is not None and published is not None and _published_by(published, pid):
+    if pid is not None and published is not None and published_by(published, pid):
         profiles = published_profiles(published)
         # The running daemon's margin decides what is "due", not the one these flags say.
         margin = published["daemon"].get("margin")
@@ -501,7 +413,7 @@ def collect(settings: CoreSettings, env: Mapping[str, str], now: float) -> Repor
         return report
     config_problems: list[tuple[Path, str]] = []
     found = settings.store_paths(env, config_problems)
-    problems += [StateFileProblem(path, problem) for path, problem in config_problems]
+    problems += [state_file_problem(path, problem) for path, problem in config_problems]
     profiles, statuses = collect_from_stores(found, now, settings.margin, published)
     last = published["daemon"] if published is not None and pid is not None else None
     report = Report(now, state_dir, pid, last, profiles, statuses, "stores", problems)

@@ -74,3 +74,15 @@ def test_the_readme_is_short_and_says_who_it_is_for() -> None:
     head = "\n".join(text.splitlines()[:20])
     for fact in ("2026.3.28", "2026-04-15", "qwen-portal"):
         assert fact in head, f"the first lines must say {fact}"
+
+
+def test_the_module_map_names_every_module() -> None:
+    """docs/architecture.md's module map is how a newcomer finds a room: a module it does not
+    name (by its path in the package, in backticks) is a room nobody can find."""
+    doc = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    table = doc[doc.index("## Modules"):]
+    package = ROOT / "qwen_refresher"
+    modules = sorted(str(path.relative_to(package)) for path in package.rglob("*.py")
+                     if path.name not in ("__init__.py", "__main__.py"))
+    missing = [m for m in modules if f"`{m}`" not in table]
+    assert not missing, f"add a row for each to docs/architecture.md ## Modules: {missing}"

@@ -3,7 +3,7 @@ fake Qwen server, the metric labels that come from them, and the Protocols the s
 with.
 
 The engine tests run ``Engine.run`` in-process on real OpenClaw store files in tmp_path, with
-the real lock protocol and the real OAuth client talking to ``testing/fake_qwen.py`` on
+the real lock protocol and the real OAuth client talking to ``testing/fake_qwen/`` on
 127.0.0.1; each fault is the server's (or the file system's), not a stub's.
 """
 
@@ -13,6 +13,8 @@ import json
 import os
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -101,6 +103,27 @@ def test_the_kinds_that_lived_elsewhere_are_the_same_classes() -> None:
     assert isinstance(errors.ConfigUnusable("x"), ValueError)  # as callers long caught it
     assert str(errors.ConfigUnusable("is not valid JSON5")) == "is not valid JSON5"
     assert login.EX_INTERRUPTED == errors.EX_INTERRUPTED == 130
+
+
+def test_the_status_path_kinds_are_in_the_tree_but_not_on_its_import_path() -> None:
+    """SettingsError and StateFileProblem live in the tree (exit code, label) like every kind;
+    settings_core and published serve them by their old names, and import errors only when a
+    problem is met, so a health check's ``status`` does not pay for the tree."""
+    from qwen_refresher import published, settings_core, status
+
+    assert settings_core.SettingsError is status.SettingsError is errors.SettingsError
+    assert published.StateFileProblem is status.StateFileProblem is errors.StateFileProblem
+    bad = errors.SettingsError("margin (QWEN_REFRESHER_MARGIN)", "not a duration")
+    assert isinstance(bad, errors.ConfigError) and isinstance(bad, ValueError)
+    assert (bad.exit_code, bad.metric_label) == (78, "config")
+    problem = errors.StateFileProblem("/s/state.json", "is a FIFO")
+    assert (problem.exit_code, problem.metric_label, problem.result) == (1, "state_file", None)
+    assert problem.as_dict() == {"path": "/s/state.json", "problem": "is a FIFO"}
+    code = ("import sys, qwen_refresher.status, qwen_refresher.commands.status; "
+            "print(sorted(m for m in ('qwen_refresher.errors', 'pathlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "[]"
 
 
 def test_a_restated_failure_keeps_its_kind() -> None:
@@ -345,7 +368,7 @@ def test_the_real_parts_satisfy_the_protocols(tmp_path: Path) -> None:
     from qwen_refresher.config import load_settings
     from qwen_refresher.health import HealthServer
     from qwen_refresher.logsetup import get_logger
-    from qwen_refresher.notify import Notifier
+    from qwen_refresher.runtime.relogin import LoginEpisodes
 
     assert isinstance(threading.Event(), StopSignal)
     sink = metrics.Metrics(list)
@@ -356,7 +379,7 @@ def test_the_real_parts_satisfy_the_protocols(tmp_path: Path) -> None:
                           metrics=sink)
     assert isinstance(health, HealthEndpoint)
     settings = load_settings({"state_dir": tmp_path / "state"})
-    notifier = Notifier(settings, log=log)
+    notifier = LoginEpisodes(settings, log=log)
     try:
         assert isinstance(notifier, NotifierLike)
     finally:

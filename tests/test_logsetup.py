@@ -89,8 +89,8 @@ def test_configured_json_logs_are_redacted() -> None:
 
 
 def test_an_absurdly_long_secret_is_scrubbed_without_crashing() -> None:
-    """pyahocorasick's recursive free crashes on a megabyte-long word: such words stay out of
-    the automaton (checked in a subprocess, since the crash would take pytest down)."""
+    """A megabyte-long secret is scrubbed without crashing or stalling (in a subprocess, so a
+    crash, as pyahocorasick's recursive free once gave, cannot take pytest down)."""
     import subprocess
     import sys
 

@@ -22,7 +22,8 @@ from qwen_refresher.config import Settings
 from qwen_refresher.errors import ConfigError
 from qwen_refresher.login import AssistedLogin
 from qwen_refresher.logsetup import REDACTOR
-from qwen_refresher.notify import Notice, Notifier, check_notify_setup, desktop_command
+from qwen_refresher.notify import Courier, Notice, check_notify_setup, desktop_command
+from qwen_refresher.runtime.relogin import LoginEpisodes
 from qwen_refresher.state import ProfileState, ProfileStatus
 from qwen_refresher.testing.fake_qwen import FakeQwen
 from tests.harness import OpenClawHome, all_tokens, assert_no_secrets, qwen_profile, wait_for
@@ -105,13 +106,13 @@ def settings(**kw: Any) -> Settings:
 
 
 def make(tmp_path: Path, recorder: Recorder | None = None, clock: Clock | None = None,
-         **kw: Any) -> tuple[Notifier, Path, Log, Clock]:
+         **kw: Any) -> tuple[LoginEpisodes, Path, Log, Clock]:
     hook, out = hook_script(tmp_path, "needs_login")
     clock = clock or Clock()
     log = Log()
     urls = [recorder.url] if recorder is not None else []
-    notifier = Notifier(settings(on_needs_login=hook, notify_urls=urls, **kw), log=log,
-                        clock=clock)
+    notifier = LoginEpisodes(settings(on_needs_login=hook, notify_urls=urls, **kw), log=log,
+                             clock=clock)
     return notifier, out, log, clock
 
 
@@ -165,6 +166,27 @@ def test_desktop_only_on_a_desktop_session(tmp_path: Path) -> None:
     assert desktop_command(on, {"PATH": str(tmp_path), "DISPLAY": ":0"}) is None
     assert desktop_command(settings(notify_desktop=False),
                            {"PATH": str(bin_dir), "DISPLAY": ":0"}) is None
+
+
+def test_the_courier_delivers_what_it_is_given_and_decides_nothing(
+        tmp_path: Path, recorder: Recorder) -> None:
+    """notify is delivery only: the same notice sent twice goes out twice (deciding that a
+    second notice is a duplicate is ``LoginEpisodes``'s job), to the hook and apprise."""
+    hook, out = hook_script(tmp_path, "courier")
+    log = Log()
+    courier = Courier(settings(on_needs_login=hook, notify_urls=[recorder.url]), log=log)
+    try:
+        notice = Notice("needs_login", status(STORE), now=1000.0)
+        courier.send(notice)
+        courier.send(notice)
+        assert courier.flush(10)
+        assert [run["QWEN_REFRESHER_EVENT"] for run in hook_runs(out)] == ["needs_login"] * 2
+        assert len(recorder.posts) == 2  # delivered (flush waited for the worker)
+    finally:
+        courier.close(2.0)
+    courier.send(notice)  # closed: dropped, not queued for a worker that is gone
+    assert courier.flush(0.5)
+    assert len(hook_runs(out)) == 2
 
 
 # --------------------------------------------------------------------------- episodes
@@ -272,7 +294,7 @@ def test_update_never_blocks_on_slow_channels(tmp_path: Path) -> None:
     slow = Recorder(delay=1.5)
     script = tmp_path / "slow.sh"
     script.write_text("sleep 2\n")
-    notifier = Notifier(settings(on_needs_login=f"sh {script}", notify_urls=[slow.url]),
+    notifier = LoginEpisodes(settings(on_needs_login=f"sh {script}", notify_urls=[slow.url]),
                         log=Log(), clock=Clock())
     try:
         started = time.monotonic()
@@ -292,7 +314,7 @@ def test_failures_are_logged_and_never_stop_delivery(tmp_path: Path,
     marker = tmp_path / "ran"
     hook = f"touch {marker}.$QWEN_REFRESHER_EVENT; exit 3"
     log = Log()
-    notifier = Notifier(settings(on_needs_login=hook,
+    notifier = LoginEpisodes(settings(on_needs_login=hook,
                                  notify_urls=[failing.url, "json://127.0.0.1:1/", recorder.url]),
                         log=log, clock=Clock())
     try:
@@ -323,7 +345,7 @@ def test_desktop_notification_runs_notify_send(tmp_path: Path,
     tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("DISPLAY", ":0")
-    notifier = Notifier(settings(notify_desktop=True), log=Log(), clock=Clock())
+    notifier = LoginEpisodes(settings(notify_desktop=True), log=Log(), clock=Clock())
     try:
         notifier.update([status(STORE)])
         notifier.update([status(STORE, "ok")])
@@ -387,13 +409,13 @@ def _store(oc: OpenClawHome, fake: FakeQwen, agent: str, access: str | None = No
 
 
 def _assisted(tmp_path: Path, fake: FakeQwen, recorder: Recorder, clock: Clock,
-              **kw: Any) -> tuple[Notifier, AssistedLogin, Path, Log]:
+              **kw: Any) -> tuple[LoginEpisodes, AssistedLogin, Path, Log]:
     hook, out = hook_script(tmp_path, "needs_login")
     log = Log()
     s = settings(token_url=fake.token_url, device_code_url=fake.device_code_url,
                  on_needs_login=hook, notify_urls=[recorder.url], auto_login=True, **kw)
     assisted = AssistedLogin(s, log=log, clock=clock)
-    return Notifier(s, log=log, assisted_login=assisted, clock=clock), assisted, out, log
+    return LoginEpisodes(s, log=log, assisted_login=assisted, clock=clock), assisted, out, log
 
 
 def test_assisted_relogin_end_to_end(oc: OpenClawHome, fake: FakeQwen, tmp_path: Path,

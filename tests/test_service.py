@@ -71,7 +71,7 @@ class Env:
         monkeypatch.setenv("PATH", f"{self.bin}:/usr/bin:/bin")
         monkeypatch.setenv("FAKE_SYSTEMD_LOG", str(self.log))
         monkeypatch.setattr(sys, "argv", [str(self.exe), "install-service"])
-        monkeypatch.setattr(service, "LINGER_DIR", tmp_path / "linger")
+        monkeypatch.setattr(service.systemd, "LINGER_DIR", tmp_path / "linger")
         self.monkeypatch = monkeypatch
 
     @property

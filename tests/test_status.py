@@ -721,3 +721,36 @@ def test_json_rows_written_directly_are_json_dumps_text() -> None:
     rows[1]["login_command"] = "openclaw models auth login --provider qwen-portal"
     for row in rows:
         assert command._json_row(row, now) == json.dumps(command._json_profile(row, now))
+
+
+# --- one home for a status row (issue 14) -------------------------------------------------------
+
+#: (``hook`` is NotRequired, but with postponed annotations the TypedDict cannot tell at run time)
+ROW_KEYS = set(ProfileStatus.__annotations__) - {"hook"}
+
+
+def test_status_rows_are_built_in_one_place_only() -> None:
+    """The daemon's publisher, status's own rows and the reader of state.json all build a row
+    with ``published.profile_row``: a dict literal spelling out a row anywhere else is a second
+    home that drifts (it did: four copies, before). ``commands/status.py`` spells out the
+    ``--json`` document, a rendering (ISO times, seconds left), not a row."""
+    root = Path(status.__file__).parent
+    literal = re.compile(r'"login_command"\s*:')
+    builders = sorted(str(path.relative_to(root)) for path in root.rglob("*.py")
+                      if literal.search(path.read_text(encoding="utf-8")))
+    assert builders == ["commands/status.py", "published.py"]
+
+
+def test_a_published_row_reads_back_as_the_row_that_was_built() -> None:
+    hook = {"ok": False, "at": 5.0, "returncode": 3, "timed_out": False, "output": "x",
+            "failing_since": 4.0, "failures": 2, "next_retry_at": 9.0}
+    row = published.profile_row("/s/auth-profiles.json", "openclaw", "main", "qwen-portal:a",
+                                "retrying", "fam", 10.0, 11.0, 12.0, 2, "http 503", "login")
+    row["hook"] = hook  # type: ignore[typeddict-item]
+    assert set(row) - {"hook"} == ROW_KEYS
+    doc: PublishedState = {"schema_version": 1, "daemon": {}, "profiles": [row],  # type: ignore[typeddict-item]
+                           "stores": [published.store_row("/s/auth-profiles.json", "openclaw",
+                                                          None)]}
+    assert published.published_profiles(json.loads(json.dumps(doc))) == [row]
+    assert published.published_stores(doc) == [
+        {"path": "/s/auth-profiles.json", "kind": "openclaw", "error": None}]

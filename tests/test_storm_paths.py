@@ -131,3 +131,106 @@ def test_the_head_index_finds_exactly_what_the_scan_found(tmp_path: Path) -> Non
         fam.reconcile(memory, history, timing, now, touched)
         # the index is what reconcile left behind, never rebuilt behind its back
         assert memory.indexed_head == {f.id: f.head for f in memory.families.values()}
+
+
+def test_a_family_whose_head_a_later_link_supersedes_is_found(tmp_path: Path) -> None:
+    """The superseded heads are kept per link (``families._superseded_heads``), not
+    intersected in full per refresh: a family left planned on a token that a link made
+    *after* its planning supersedes must still be found from the lineage's new head."""
+    now = 1_800_000_000.0
+    timing = Timing(margin=900.0, jitter=0.0, retry_max=300.0)
+    memory, history = Memory(), TokenHistory()
+    a = ProfileKey(tmp_path / "a" / "auth-profiles.json", "qwen-portal:p")
+    c = ProfileKey(tmp_path / "c" / "auth-profiles.json", "qwen-portal:p")
+    for key, fp in ((a, "T1"), (c, "L1")):
+        creds = Credentials(f"acc-{fp}", f"ref-{fp}", int((now + 6 * 3600) * 1000))
+        memory.views[key] = View(OpenClawStore(key.store), creds, None, fp, None)
+        memory.keys_by_store[key.store].add(key)
+    fam.reconcile(memory, history, timing, now)
+    assert fam.affected(memory, history, {c}) == _brute_force(memory, history, {c})
+    history.link("T1", "L1")  # a's token seen replaced by the one c holds
+    assert memory.family_of[a] in fam.affected(memory, history, {c})[1]
+    assert fam.affected(memory, history, {c}) == _brute_force(memory, history, {c})
+    fam.reconcile(memory, history, timing, now, {c})
+    assert memory.family_of[a] == memory.family_of[c]  # one family now, on L1
+
+
+def test_a_waiting_job_is_moved_in_place_and_fires_once_at_its_new_time() -> None:
+    """``Jobs.family_at`` / ``scan_at`` on a job still waiting move it (no new ``Job``, no
+    signature check per re-plan: ~5 % of a storm's CPU) and it then runs once, at the new
+    time, never at the old one; a job that already ran is added anew."""
+    from apscheduler.events import EVENT_JOB_ADDED, EVENT_JOB_MODIFIED
+
+    from qwen_refresher.runtime.jobs import Jobs
+
+    jobs = Jobs(2)
+    seen: list[int] = []
+    jobs.scheduler.add_listener(lambda e: seen.append(e.code),
+                                EVENT_JOB_ADDED | EVENT_JOB_MODIFIED)
+    runs: list[tuple[str, float]] = []
+    ran = threading.Event()
+
+    def run(job_id: str) -> None:
+        runs.append((job_id, time.time()))
+        ran.set()
+
+    jobs.start()
+    try:
+        jobs.family_at("refresh:a", time.time() + 30, run)
+        jobs.family_at("refresh:a", time.time() + 0.3, run)  # re-planned earlier: moved
+        moved_to = time.time() + 0.3
+        assert seen == [EVENT_JOB_ADDED, EVENT_JOB_MODIFIED]
+        assert ran.wait(DEADLINE)
+        assert runs[0][0] == "refresh:a" and runs[0][1] >= moved_to - 0.1
+        ran.clear()
+        jobs.family_at("refresh:a", time.time() + 0.1, run)  # it ran: a new job
+        assert seen[-1] == EVENT_JOB_ADDED
+        assert ran.wait(DEADLINE)
+        jobs.scan_at("scan:x", time.time() + 30, run, "scan:x")
+        jobs.scan_at("scan:x", time.time() + 0.2, run, "scan:x")  # debounce moved: in place
+        assert seen[-2:] == [EVENT_JOB_ADDED, EVENT_JOB_MODIFIED]
+        ran.clear()
+        assert ran.wait(DEADLINE)
+        time.sleep(0.3)
+        assert [r[0] for r in runs] == ["refresh:a", "refresh:a", "scan:x"]  # each once
+        assert jobs.scheduled() == set()
+    finally:
+        jobs.shutdown()
+
+
+def test_pace_keeps_the_sends_apart_when_what_follows_a_slot_takes_varying_time() -> None:
+    """``RateLimiter.acquire`` spaces slots; ``pace`` (right before a request leaves) spaces
+    the sends, which the locks and re-read between slot and send would otherwise bunch: a
+    late send and an on-time one reached the server closer than ``1 / rate`` (103 in one
+    second at a limit of 100). Real threads, delays drawn between slot and send."""
+    import itertools
+
+    from qwen_refresher.ratelimit import RateLimiter
+
+    rate = 100.0
+    limiter = RateLimiter(lambda: rate)
+    rng = random.Random(7)
+    delays = [rng.choice((0.0, 0.0, 0.004, 0.018)) for _ in range(40)]
+    sends: list[float] = []
+    lock = threading.Lock()
+
+    def request(delay: float) -> None:
+        assert limiter.acquire()
+        time.sleep(delay)  # the store locks and the re-read, slower under load
+        assert limiter.pace()
+        with lock:
+            sends.append(time.monotonic())
+
+    threads = [threading.Thread(target=request, args=(d,)) for d in delays]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(DEADLINE)
+    sends.sort()
+    gaps = [b - a for a, b in itertools.pairwise(sends)]
+    assert len(sends) == len(delays)
+    # Half an interval of slack: a thread can be descheduled between its send and its note.
+    assert min(gaps) >= 0.5 / rate, f"sends {min(gaps) * 1000:.1f} ms apart"
+    stop = threading.Event()
+    stop.set()
+    assert not limiter.pace(stop), "a stopping daemon sends nothing"

@@ -3,7 +3,7 @@ knows, render what it returns. One module per command (``status``, ``service`` f
 install-/uninstall-service, ``config``, ``demo``, ``fleet``); ``cli.py`` imports only the one
 that runs, so ``status`` never pays for another command's imports.
 
-What each command works on lives outside: ``status.py`` (the rows), ``service.py`` (the unit),
-``config.py`` and ``settings_core.py`` (settings), ``published.py`` (the state file),
-``report.py`` (verdicts and exit codes).
+What each command works on lives outside: ``status.py`` (the rows), ``service/`` (the unit and
+the install steps), ``config.py`` and ``settings_core.py`` (settings), ``published.py`` (the
+state file and the rows' one constructor), ``report.py`` (verdicts and exit codes).
 """

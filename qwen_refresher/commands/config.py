@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..config import ENV_PREFIX, Settings, config_file_in_use, load_settings, read_toml
+from ..report import EX_OK
 
 
 def _masked_url(url: str) -> str:
@@ -71,13 +72,13 @@ def config_command(args: argparse.Namespace) -> int:
         json.dump({r["name"]: {"value": r["value"], "origin": r["origin"]} for r in rows},
                   sys.stdout, indent=2)
         sys.stdout.write("\n")
-        return 0
+        return EX_OK
     width = max(len(r["name"]) for r in rows)
     for r in rows:
         value = r["value"]
         text = json.dumps(value) if not isinstance(value, str) else value
         print(f"{r['name']:<{width}}  {text}    ({r['origin']})")
-    return 0
+    return EX_OK
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

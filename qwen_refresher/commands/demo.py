@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..durations import format_duration
+from ..report import EX_FAILURE, EX_INTERRUPTED, EX_OK
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -341,5 +342,5 @@ def run(args: argparse.Namespace) -> int:
             shutil.rmtree(root, ignore_errors=True)
     if ok:
         screen.say("demo passed: rotation, back-off, needs-login and re-login all behaved")
-        return 0
-    return 130 if interrupted else 1
+        return EX_OK
+    return EX_INTERRUPTED if interrupted else EX_FAILURE

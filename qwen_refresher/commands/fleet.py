@@ -11,6 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..report import EX_FAILURE, EX_OK, EX_USAGE
+
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("fleet", help="fleet mode: one login on many hosts, through etcd",
@@ -28,7 +30,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
     def usage(args: argparse.Namespace) -> int:
         p.print_help(sys.stderr)
-        return 64
+        return EX_USAGE
 
     p.set_defaults(handler=usage)
 
@@ -41,7 +43,7 @@ def init_command(args: argparse.Namespace) -> int:
     key_id = FleetKeys(read_secret_file(path), "qwen-refresher").key_id
     print(f"wrote {path} (mode 0600, key {key_id}). Copy it to every host of the fleet and set "
           f"fleet_secret_file = \"{path}\" and fleet = \"https://etcd1:2379,...\".")
-    return 0
+    return EX_OK
 
 
 def check_command(args: argparse.Namespace) -> int:
@@ -52,7 +54,7 @@ def check_command(args: argparse.Namespace) -> int:
     settings = load_settings({}, config_file=Path(args.config) if args.config else None)
     if not settings.fleet:
         print("fleet mode is off (no fleet URLs configured)", file=sys.stderr)
-        return 1
+        return EX_FAILURE
     config = fleet_config(settings)
     client = EtcdClient(config.urls, timeout=config.timeout, ca=config.ca, cert=config.cert,
                         key=config.key, user=config.user, password=config.password)
@@ -70,4 +72,4 @@ def check_command(args: argparse.Namespace) -> int:
     for url, problem in problems:
         print(f"{url}: {problem or 'ok'}")
     print("quorum: ok" if quorum is None else f"quorum: NONE ({quorum})")
-    return 0 if quorum is None else 1
+    return EX_OK if quorum is None else EX_FAILURE

@@ -36,6 +36,7 @@ from ..login import (
     write_login,
 )
 from ..qwen import DeviceAuthorization, QwenOAuthClient
+from ..report import EX_OK
 from ..stores import OpenClawStore, QwenCodeStore, Store
 from ..stores.qwen_code import PROFILE_ID as QWEN_CODE_PROFILE
 
@@ -240,4 +241,4 @@ def _login(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         why = "timed out" if result.timed_out else f"exit code {result.returncode}"
         _say(f"warning: the on_rotate hook `{result.command}` failed ({why}): {result.output}; "
              "a running gateway may keep serving the old login until it reloads.", err)
-    return 0
+    return EX_OK

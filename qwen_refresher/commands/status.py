@@ -19,10 +19,10 @@ from .. import __version__
 from ..durations import format_duration
 from ..escape import printable, shell_join
 from ..report import EX_CONFIG, NEEDS_LOGIN_STATES, reload_failure, shorten_home, summary_line
+from ..settings_core import settings_error
 from ..status import (
     SCHEMA_VERSION,
     Report,
-    SettingsError,
     as_number,
     as_text,
     collect,
@@ -290,7 +290,7 @@ def to_text(report: Report, colour: bool) -> str:
 def _redacted(output: str) -> str:
     """The output path: every token this run read, in any encoding, masked. The daemon scrubs
     ``state.json`` before writing it; this covers what we read from stores ourselves. The
-    redactor (and pyahocorasick) is only imported when there is something to look for."""
+    redactor is only imported when there is something to look for."""
     tokens = seen_tokens()
     if not tokens:
         return output
@@ -446,7 +446,7 @@ def run(args: argparse.Namespace | SimpleArgs) -> int:
     quiet = bool(getattr(args, "quiet", False))
     try:
         settings = resolve_settings(args, env)
-    except SettingsError as exc:
+    except settings_error() as exc:
         if not quiet:
             print(printable(f"qwen-refresher status: {exc}"), file=sys.stderr)
         return EX_CONFIG

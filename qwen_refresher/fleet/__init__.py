@@ -20,23 +20,25 @@ from .errors import (
     FleetBusy,
     FleetError,
     FleetMoved,
+    FleetNeedsLogin,
     FleetRecordUnreadable,
     FleetSecretError,
     FleetUnavailable,
 )
 
 if TYPE_CHECKING:
-    from .coordinator import Fleet, FleetConfig, Reconciled, Record, Ticket
+    from .coordinator import Fleet
     from .crypto import FleetKeys, write_secret_file
+    from .records import FleetConfig, Reconciled, Record, Ticket
 
-_LAZY = {"Fleet": "coordinator", "FleetConfig": "coordinator", "Reconciled": "coordinator",
-         "Record": "coordinator", "Ticket": "coordinator", "FleetKeys": "crypto",
+_LAZY = {"Fleet": "coordinator", "FleetConfig": "records", "Reconciled": "records",
+         "Record": "records", "Ticket": "records", "FleetKeys": "crypto",
          "write_secret_file": "crypto"}
 
 __all__ = [
     "Fleet", "FleetAnswerInvalid", "FleetBusy", "FleetConfig", "FleetError", "FleetKeys",
-    "FleetMoved", "FleetRecordUnreadable", "FleetSecretError", "FleetUnavailable",
-    "Reconciled", "Record", "Ticket", "write_secret_file",
+    "FleetMoved", "FleetNeedsLogin", "FleetRecordUnreadable", "FleetSecretError",
+    "FleetUnavailable", "Reconciled", "Record", "Ticket", "write_secret_file",
 ]
 
 

@@ -9,7 +9,9 @@
     ├── FleetSecretError           78   config              -            the secret file is unusable
     ├── FleetBusy                   1   fleet_busy          -            another host is spending
     ├── FleetMoved                  1   fleet_moved         -            the record moved: re-plan
-    └── FleetRecordUnreadable       1   fleet_record        -            authentication failed
+    ├── FleetRecordUnreadable       1   fleet_record        -            authentication failed
+    └── FleetNeedsLogin             2   rejected            rejected     the fleet's token is dead
+        (also a RefreshTokenRejected)
 
 An etcd answer that is too large, not JSON or not of the expected shape is treated exactly like
 no answer (``FleetAnswerInvalid`` is a ``FleetUnavailable``): the fleet's rule is safety over
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
 
-from ..errors import ConfigError, QwenRefresherError
+from ..errors import ConfigError, QwenRefresherError, RefreshTokenRejected
 
 if TYPE_CHECKING:
     from ..errors import FailedResult
@@ -73,3 +75,19 @@ class FleetMoved(FleetError):
     """The family's record moved since it was read: re-plan from the new one."""
 
     metric_label = "fleet_moved"
+
+
+class FleetNeedsLogin(FleetError, RefreshTokenRejected):
+    """The fleet's record for this family is marked ``needs_login``: a host spent its token
+    and the server refused it. Nobody spends it again (a second refusal would tell nothing
+    new); a login on any host, or the journal of a host that was answered and died before it
+    could publish, replaces it. A ``RefreshTokenRejected``: the family needs a login here too.
+    """
+
+    metric_label = "rejected"
+
+    def __init__(self, fid: str) -> None:
+        self.fid = fid
+        RefreshTokenRejected.__init__(
+            self, "fleet: another host's refresh of this token was rejected; "
+                  "the family needs a login")

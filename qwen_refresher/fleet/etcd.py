@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import ssl
 import threading
@@ -218,6 +219,8 @@ class EtcdClient:
         self._lock = threading.Lock()
         #: Requests sent (every attempt), for the benchmark's "requests per host per hour".
         self.requests = 0
+        #: Per thread: the monotonic time by which a call must be done (``deadline``).
+        self._local = threading.local()
         verify: ssl.SSLContext | bool = True
         if ca is not None or cert is not None:
             context = ssl.create_default_context(cafile=str(ca) if ca else None)
@@ -231,6 +234,19 @@ class EtcdClient:
 
     def close(self) -> None:
         self._http.close()
+
+    @contextlib.contextmanager
+    def deadline(self, seconds: float) -> Iterator[None]:
+        """Every call this thread makes inside the block ends within ``seconds`` from now,
+        over all members together (each attempt gets what is left, at most ``timeout``).
+        Nested blocks keep the earlier deadline."""
+        outer: float | None = getattr(self._local, "deadline", None)
+        at = time.monotonic() + seconds
+        self._local.deadline = at if outer is None else min(outer, at)
+        try:
+            yield
+        finally:
+            self._local.deadline = outer
 
     def _order(self) -> list[int]:
         with self._lock:
@@ -253,10 +269,11 @@ class EtcdClient:
         self._token = token
 
     def _send(self, url: str, path: str, body: dict[str, Any],
-              headers: dict[str, str]) -> dict[str, Any]:
+              headers: dict[str, str], limit: float | None = None) -> dict[str, Any]:
         self.requests += 1
-        timeout = httpx.Timeout(self.timeout)
-        deadline = time.monotonic() + self.timeout
+        seconds = self.timeout if limit is None else max(0.05, min(self.timeout, limit))
+        timeout = httpx.Timeout(seconds)
+        deadline = time.monotonic() + seconds
         with self._http.stream("POST", url + path, json=body, headers=headers,
                                timeout=timeout) as response:
             chunks: list[bytes] = []
@@ -288,23 +305,38 @@ class EtcdClient:
     def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """POST ``body`` to ``path`` on the first member that gives a valid answer."""
         problems: list[str] = []
+        until: float | None = getattr(self._local, "deadline", None)
         for index in self._order():
             url = self.urls[index]
+            left = None if until is None else until - time.monotonic()
+            if left is not None and left <= 0:
+                problems.append("the step's deadline passed")
+                break
             try:
-                answer = self._send(url, path, body, self._headers(url))
+                answer = self._send(url, path, body, self._headers(url), left)
             except httpx.TimeoutException:
-                problems.append(f"{url}: no answer within {self.timeout:g} s")
+                problems.append(f"{url}: no answer within the deadline")
+                self._skip(index)
                 continue
             except httpx.HTTPError as exc:
                 problems.append(f"{url}: {type(exc).__name__}")
+                self._skip(index)
                 continue
             except FleetUnavailable as exc:
                 problems.append(str(exc))
+                self._skip(index)
                 continue
             with self._lock:
                 self._good = index
             return answer
         raise FleetUnavailable("no etcd member answered: " + "; ".join(problems))
+
+    def _skip(self, index: int) -> None:
+        """A member failed: the next call starts at the one after it (a deadline may leave
+        no time to reach it in this call)."""
+        with self._lock:
+            if self._good == index:
+                self._good = (index + 1) % len(self.urls)
 
     # -- KV -----------------------------------------------------------------------------------
     def get(self, key: bytes) -> tuple[KeyValue | None, int]:

@@ -1,7 +1,7 @@
 """Qwen's OAuth endpoints and protocol constants: their one home.
 
 ``config`` (the defaults a user may override), the client and the fake server in
-``testing/fake_qwen.py`` all read them from here. Stdlib only and import-free, so that the fake
+``testing/fake_qwen/`` all read them from here. Stdlib only and import-free, so that the fake
 server (which must run without httpx) and the settings can use them for nothing. Protocol facts
 are in ``shared/reference/qwen-oauth.md``.
 """

@@ -29,7 +29,8 @@ from .. import __version__, hooks, sdnotify
 from ..config import Settings, load_settings
 from ..coredump import disable_core_dumps
 from ..engine import Engine, Member, Outcome
-from ..errors import EX_FAILURE, EX_NEEDS_LOGIN, EX_OK, ConfigError
+from ..errors import ConfigError
+from ..fleet.runtime import FleetPart, NoFleet, join_fleet
 from ..history import TokenHistory
 from ..hooks import resolve_on_rotate
 from ..journal import Journal
@@ -38,6 +39,7 @@ from ..models import ProfileKey
 from ..planner import Timing
 from ..qwen import QwenOAuthClient
 from ..ratelimit import RateLimiter
+from ..report import EX_OK
 from ..state import (
     LINEAGE_FILE,
     DaemonLock,
@@ -45,13 +47,12 @@ from ..state import (
     StoreStatus,
     load_salt,
 )
-from . import families as plans
 from .events import Events
 from .inventory import Inventory
 from .jobs import Jobs
 from .memory import Family, Memory, Runtime, View
 from .onrotate import OnRotate
-from .outcomes import ONCE_SUCCESS, Outcomes
+from .outcomes import Outcomes
 from .publisher import Publisher
 from .refresh import Refresher
 from .relogin import Relogin
@@ -67,6 +68,9 @@ if TYPE_CHECKING:
 CLOCK_JUMP = 5.0
 #: How long shutdown waits for a reload in progress (one stuck reading a FIFO never ends).
 RELOAD_JOIN = 3.0
+#: After start-up, when the stale temp files the first scan left are removed (they are at
+#: least a minute old already; a second more keeps that work out of the way of READY=1).
+TIDY_DELAY = 1.0
 
 
 class Daemon:
@@ -113,8 +117,8 @@ class Daemon:
                              publisher=self.publisher, relogin=self.relogin, log=self.log,
                              stop=self.stop, settings=current, timing=lambda: self.timing)
         self.watcher = self.events.watcher
-        #: Fleet mode (``fleet`` set): etcd coordination with other hosts, built at start.
-        self.fleet: Any = None
+        #: Fleet mode (``fleet`` set): etcd coordination with other hosts, joined at start.
+        self.fleet_part: FleetPart = NoFleet(self.log)
 
     def _current_settings(self) -> Settings:
         return self.settings
@@ -154,7 +158,7 @@ class Daemon:
         self.refresher.engine = Engine(client=self.client, salt=self.salt, history=self.history,
                                        journal=self.journal,
                                        lock_timeout=self.settings.lock_timeout, stop=self.stop,
-                                       fleet=self.fleet)
+                                       fleet=self.fleet_part.fleet)
         if old_engine is not None:
             self.refresher.retire(old_client, old_engine)
 
@@ -215,13 +219,17 @@ class Daemon:
         """Health, metrics and notifications for the current settings (``ConfigError`` if
         they cannot work): built at start, rebuilt by a reload where a setting changed."""
         self.services.configure(self.settings, alive=self.alive,
-                                statuses=self.profile_statuses, not_ready=self._fleet_not_ready)
+                                statuses=self.profile_statuses,
+                                not_ready=lambda: self.fleet_part.not_ready())
         self.relogin.configure(self.settings)
 
     def _prepare(self) -> None:
         """Salt, engine, and what the previous run left: after the lock, before any scan."""
         self.salt = load_salt(self.settings.state_dir)
-        self._start_fleet()
+        self.fleet_part = join_fleet(self.settings, tables=self.memory, stop=self.stop,
+                                     run_now=self._schedule, publish=self.publish, log=self.log)
+        self.events.on_store_change = self.fleet_part.nudge  # a login is published at once
+        self.publisher.fleet_state = self.fleet_part.state
         self._build_engine()
         self._restore()
 
@@ -231,13 +239,12 @@ class Daemon:
         self._prepare()
         self._configure()
         self.jobs.start()
+        self.inventory.defer_tidy = True  # stale temp files: removed just after start-up
         self.rescan_all()
         self.onrotate.resume()
         self.jobs.sweep_every(self.settings.sweep_interval, self.events.sweep)
-        if self.fleet is not None:
-            # Each family asks the fleet once now: a host joining with an older generation
-            # (or a login made while it was down) is brought up to date at once, not at due.
-            self._fleet_nudge(set(self.memory.views))
+        self.jobs.scan_at("tidy", time.time() + TIDY_DELAY, self.inventory.tidy)
+        self.fleet_part.joined()
 
     def run(self) -> int:
         """The main loop: wait for a signal or the next tick, ping the watchdog, notice clock
@@ -269,7 +276,7 @@ class Daemon:
         sdnotify.stopping()
         self.shutdown()
         self._signals.uninstall()
-        return 0
+        return EX_OK
 
     def _main_loop(self, wakeup: socket.socket) -> set[int]:
         """Until SIGTERM/SIGINT: returns the signals that ended it."""
@@ -298,47 +305,10 @@ class Daemon:
         return received
 
     def run_once(self) -> int:
-        """Refresh whatever is due now, wait for it, exit: for timers and cron."""
-        disable_core_dumps()
-        self.daemon_lock.acquire()
-        try:
-            self._prepare()
-            self.stop.set()  # reconcile plans but schedules nothing
-            self.rescan_all()
-            self.stop.clear()
-            self.onrotate.resume()
-            self._say_what_is_missing()
-            with self.memory.lock:
-                due = plans.due_now(self.memory, self.history, time.time())
-            results = [self._run_once_family(job_id) for job_id in due]
-            done = [o for o in results if o is not None and o.result in ONCE_SUCCESS]
-            self.stop.set()
-            self.reconcile()
-            statuses = self.profile_statuses()
-            self.log.info("once_done", due=len(due), refreshed=len(done),
-                          failed=len(due) - len(done), profiles=len(statuses))
-            if any(p["state"] in ("needs_login", "expired") for p in statuses):
-                return EX_NEEDS_LOGIN
-            if len(done) < len(due) or not statuses or any(
-                    p["state"] in ("retrying", "invalid_store") for p in statuses):
-                return EX_FAILURE  # something due could not be refreshed: say so
-            return EX_OK
-        finally:
-            self.publish_now()
-            self.client.close()
-            if self.fleet is not None:
-                self.fleet.stop()
-            self.daemon_lock.release()
+        """Refresh whatever is due now, wait for it, exit: for timers and cron (``once``)."""
+        from .once import run_once
 
-    def _run_once_family(self, job_id: str) -> Outcome | None:
-        """One family of ``run --once``: its crash never keeps the others from their turn."""
-        try:
-            return self.refresher.run(job_id)
-        except Exception as exc:
-            with self.memory.lock:
-                family = self.memory.families.get(job_id)
-                keys = set(family.keys) if family is not None else set()
-            return self.refresher.crashed(job_id, keys, exc)
+        return run_once(self)
 
     def _reload_loop(self) -> None:
         """Reloads run here, one at a time, off the main loop: a slow or stuck reload (a store
@@ -382,10 +352,7 @@ class Daemon:
             self.log.warning("restart_needed",
                              message="max_concurrent_refreshes and poll take effect at the "
                                      "next start")
-        if any(getattr(settings, n) != getattr(old, n)
-               for n in type(settings).model_fields if n.startswith("fleet")):
-            self.log.warning("restart_needed", message="fleet settings take effect at the "
-                                                       "next start")
+        self.fleet_part.settings_changed(old, settings)
         with self.memory.lock:
             for info in self.memory.stores.values():
                 info.digest = None
@@ -412,8 +379,7 @@ class Daemon:
             if engine.writing.acquire(timeout=10):
                 engine.writing.release()
             engine.release_all()
-        if self.fleet is not None:
-            self.fleet.stop()  # after the refreshes: an in-flight one publishes to etcd first
+        self.fleet_part.stop()  # after the refreshes: an in-flight one publishes to etcd first
         self.watcher.stop()
         self.services.stop()
         self.relogin.close(2.0)
@@ -424,59 +390,6 @@ class Daemon:
                 client.close()
         self.client.close()
         self.daemon_lock.release()
-
-    # -- fleet ----------------------------------------------------------------------------------
-    def _start_fleet(self) -> None:
-        """Fleet mode: read the secret (a bad one stops start-up, exit 78), start the watch
-        and the quorum probe, and connect them to the jobs and to state.json."""
-        if self.fleet is not None:
-            return
-        from ..fleet.runtime import fleet_state, start_fleet
-
-        fleet = start_fleet(self.settings)
-        if fleet is None:
-            return
-        fleet.on_change = lambda _fid, members: self._fleet_nudge(set(members))
-        fleet.on_health = self._fleet_health
-        self.events.on_store_change = self._fleet_nudge
-        self.publisher.fleet_state = lambda: fleet_state(fleet)
-        self.fleet = fleet
-        self.log.info("fleet_joined", host=fleet.config.host_id, members=len(fleet.config.urls),
-                      namespace=fleet.config.namespace, key=fleet.keys.key_id,
-                      available=fleet.available)
-
-    def _fleet_nudge(self, keys: set[ProfileKey]) -> None:
-        """Another host moved a family we hold (or we just started): run it now; its engine
-        run reconciles with the fleet and writes the newer tokens here."""
-        if self.stop.is_set():
-            return
-        with self.memory.lock:
-            job_ids = {self.memory.family_of[k] for k in keys if k in self.memory.family_of}
-        now = time.time()
-        for job_id in job_ids:
-            self._schedule(job_id, now)
-
-    def _fleet_health(self) -> None:
-        fleet = self.fleet
-        if fleet is None:
-            return
-        if fleet.available:
-            self.log.warning("fleet_available", message="etcd answers again; fleet families "
-                                                        "are refreshed again")
-            with self.memory.lock:
-                keys = set(self.memory.views)
-            self._fleet_nudge(keys)
-        else:
-            self.log.error("fleet_unavailable", problem=fleet.last_problem,
-                           message="no quorum of etcd answers: no host refreshes a fleet "
-                                   "family until it does (local reads go on)")
-        self.publish()
-
-    def _fleet_not_ready(self) -> list[str]:
-        from ..fleet.published import fleet_not_ready
-        from ..fleet.runtime import fleet_state
-
-        return fleet_not_ready(fleet_state(self.fleet)) if self.fleet is not None else []
 
     # -- publishing -----------------------------------------------------------------------------
     def profile_statuses(self) -> list[ProfileStatus]:

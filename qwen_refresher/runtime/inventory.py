@@ -88,6 +88,12 @@ class Inventory:
         self._metrics = metrics
         #: the per-install salt of fingerprints (set once the state dir is ours)
         self.salt = b""
+        #: Set by the daemon before its first scan: that sweep leaves stale temp files to
+        #: ``tidy``, which the daemon runs on the io pool just after start-up (and the next
+        #: sweep does in any case). Housekeeping is not what "ready" waits for (every store
+        #: read, every family scheduled), and at 1,000 stores the ``realpath`` and directory
+        #: listing per store were ~7 % of start-up.
+        self.defer_tidy = False
 
     # -- discovery ------------------------------------------------------------------------------
     def discover(self) -> tuple[bool, list[StoreInfo]]:
@@ -121,8 +127,18 @@ class Inventory:
         changed, infos = self.discover()
         for info in infos:
             changed |= self.read_store(info, unchanged_ok=True).changed
-        self.remove_stale_temp_files(infos)
+        if self.defer_tidy:
+            self.defer_tidy = False  # one sweep only
+        else:
+            self.remove_stale_temp_files(infos)
         return changed
+
+    def tidy(self) -> None:
+        """Remove the stale temp files of every managed store (each may hold a copy of its
+        tokens): what the first sweep left for after start-up."""
+        with self.memory.lock:
+            infos = list(self.memory.stores.values())
+        self.remove_stale_temp_files(infos)
 
     def watch_dirs(self) -> dict[Path, bool]:
         """The directories to watch (and whether recursively) for the stores managed now."""
@@ -135,10 +151,14 @@ class Inventory:
         for info in infos:
             if info.temp_names is None or info.stat is None:
                 # lock_path() resolves the path (realpath): once per store, not per sweep
-                temp = [(info.store.path.parent, info.store.path.name)]
+                directory = info.store.path.parent
+                temp = [(directory, info.store.path.name)]
                 with contextlib.suppress(StoreError, OSError):
                     lock = info.store.lock_path()
-                    temp.append((lock.parent, lock.name))  # lockfile.py's link-into-place
+                    # lockfile.py's link-into-place; its directory is usually the store's
+                    # own, kept as one Path (a thousand stores, a thousand fewer objects)
+                    temp.append((directory if lock.parent == directory else lock.parent,
+                                 lock.name))
                 info.temp_names = temp
             for directory, name in info.temp_names:
                 by_dir[directory].add(name)

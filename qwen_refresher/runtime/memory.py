@@ -4,6 +4,9 @@ Every runtime component reads and writes these under one lock (``Memory.lock``).
 does I/O: the stores are the truth, and everything in a ``Memory`` can be rebuilt from them
 (plus lineage fingerprints and the journal) by one sweep, which is why a missed event, a
 suspend or a restart costs at most one sweep.
+
+The records are slotted dataclasses: at 1,000 stores x 2 profiles there are ~7,000 of them,
+and a ``__dict__`` each was ~0.7 MB of the idle RSS (issue 16).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from ..state import ProfileState
 from ..stores.base import Store
 
 
-@dataclass
+@dataclass(slots=True)
 class View:
     """One profile as last read from its store."""
 
@@ -30,7 +33,7 @@ class View:
     issued_at: float | None
 
 
-@dataclass
+@dataclass(slots=True)
 class Runtime:
     """What the daemon knows about one profile beyond its file: for status and scheduling."""
 
@@ -43,7 +46,7 @@ class Runtime:
     next_refresh_at: float | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class Family:
     """Profiles that share one refresh-token lineage: refreshed together by one job ``id``.
 
@@ -63,7 +66,7 @@ class Family:
     timing: Timing | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class Reverts:
     """How often a writer put a consumed token back into a family, and when last."""
 
@@ -71,7 +74,7 @@ class Reverts:
     last: float = 0.0
 
 
-@dataclass(eq=False)  # identity: one per managed store
+@dataclass(eq=False, slots=True)  # identity: one per managed store
 class StoreInfo:
     store: Store
     explicit: bool
@@ -106,3 +109,9 @@ class Memory:
         self.families_by_head: dict[str, set[str]] = {}
         #: family id -> the head it is indexed under in ``families_by_head``
         self.indexed_head: dict[str, str] = {}
+        #: the heads of ``families_by_head`` that a newer token superseded (a family planned
+        #: below its lineage head, or one a rotation just moved on), kept per link
+        #: (``families._superseded_heads``) instead of intersected with every link per
+        #: refresh; ``links_seen`` is ``TokenHistory.linked_since``'s serial (-1: recompute)
+        self.superseded_heads: set[str] = set()
+        self.links_seen = -1

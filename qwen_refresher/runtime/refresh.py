@@ -135,7 +135,10 @@ class Refresher:
             # lock held while we queue would stall OpenClaw). Stopping: re-planned at start.
             if not self.limiter.acquire(self.stop):
                 return None
-        outcome = engine.run(members, due_at=due_at, planned_fp=family.head)
+        # The slot was taken above, before any lock; ``pace`` keeps the sends themselves
+        # 1 / rate apart (what the locks and re-read take in between varies with load).
+        outcome = engine.run(members, due_at=due_at, planned_fp=family.head,
+                             before_send=lambda: self.limiter.pace(self.stop))
         if outcome.result == "rejected":
             # Never a lost login while a store we manage holds a descendant of that token.
             adopted = self.adopt_heir(family)

@@ -164,3 +164,81 @@ def encodings(token: str) -> list[bytes]:
     t = token.encode()
     return [t, base64.b64encode(t), base64.urlsafe_b64encode(t), t.hex().encode(),
             base64.b64encode(t).rstrip(b"="), t[:12]]
+
+
+def test_index_keys_are_bounded_and_recent_generations_still_find_the_family(
+        cluster: EtcdCluster, secret_file: Path, namespace: str) -> None:
+    """One index key per generation, but only the last INDEX_KEEP stay: the one a new
+    generation pushes out is deleted in the commit's own transaction. A host whose store
+    holds a recent old token (and no fleet.json) still finds the family by it."""
+    from qwen_refresher.fleet.etcd import prefix_end
+    from qwen_refresher.fleet.records import INDEX_KEEP
+
+    a = host(cluster, secret_file, namespace, "host-a")
+    fid = a.reconcile(KEYS, creds(0)).fid
+    rotations = INDEX_KEEP + 5
+    for n in range(1, rotations + 1):
+        assert a.commit(a.begin_spend(fid), KEYS, creds(n)) == "published"
+    prefix = f"{namespace}/t/".encode()
+    kvs, _ = a.client.range(prefix, prefix_end(prefix))
+    ids = {kv.key[len(prefix):].decode() for kv in kvs}
+    assert len(ids) == INDEX_KEEP
+    assert ids == {a.keys.token_id(creds(n).refresh)
+                   for n in range(rotations - INDEX_KEEP + 1, rotations + 1)}
+    lagging = host(cluster, secret_file, namespace, "host-lagging")  # no fleet.json
+    seen = lagging.reconcile(KEYS, creds(rotations - INDEX_KEEP + 1))
+    assert (seen.fid, seen.kind, seen.adopt) == (fid, "adopt", creds(rotations))
+    a.stop()
+    lagging.stop()
+
+
+def test_a_refused_token_is_spent_once_fleet_wide(cluster: EtcdCluster, secret_file: Path,
+                                                  namespace: str) -> None:
+    """After the server refused a's spend: while a waits for the fleet to move it keeps the
+    lock (b may not spend the same dead token), and once a marked the record needs_login
+    nobody spends it again; a login (a new token published) clears it."""
+    import threading
+
+    from qwen_refresher.fleet import FleetNeedsLogin
+
+    a = host(cluster, secret_file, namespace, "host-a")
+    b = host(cluster, secret_file, namespace, "host-b")
+    fid = a.reconcile(KEYS, creds(1)).fid
+    assert b.reconcile(KEYS, creds(1)).kind == "in_sync"
+    ticket = a.begin_spend(fid)
+    result: list[Credentials | None] = []
+    waiting = threading.Thread(target=lambda: result.append(a.after_rejection(ticket)))
+    waiting.start()
+    try:
+        with pytest.raises(FleetBusy):
+            b.begin_spend(fid)  # a is still waiting, lock held
+    finally:
+        waiting.join(timeout=10)
+    assert result == [None]
+    assert b.reconcile(KEYS, creds(1)).kind == "in_sync"
+    with pytest.raises(FleetNeedsLogin):
+        b.begin_spend(fid)
+    assert b.family_status()[fid]["needs_login"]
+    assert b.reconcile(KEYS, creds(9)).kind == "published"  # a login on b
+    assert a.reconcile(KEYS, creds(1)).adopt == creds(9)
+    a.commit(a.begin_spend(fid), KEYS, creds(10))
+    a.stop()
+    b.stop()
+
+
+def test_a_host_that_lost_fleet_json_finds_its_family_by_its_profiles(
+        cluster: EtcdCluster, secret_file: Path, namespace: str) -> None:
+    """The host's state dir is gone (no fleet.json) and its store holds a token no index
+    knows (a login made while its daemon was down): it finds its family through its own
+    member keys and adopts the fleet's live token, instead of starting a family of its own."""
+    a = host(cluster, secret_file, namespace, "host-a")
+    fid = a.reconcile(KEYS, creds(1)).fid
+    assert a.commit(a.begin_spend(fid), KEYS, creds(2)) == "published"
+    a.stop()
+    again = host(cluster, secret_file, namespace, "host-a")  # same host, memory lost
+    seen = again.reconcile(KEYS, creds(50))
+    assert (seen.fid, seen.kind, seen.adopt) == (fid, "adopt", creds(2))
+    other = host(cluster, secret_file, namespace, "host-b")  # another host: not its keys
+    assert other.reconcile(KEYS, creds(51)).kind == "created"
+    again.stop()
+    other.stop()

@@ -182,7 +182,7 @@ def test_killed_between_journal_and_cas_is_recovered_at_restart(
         tickets.append(ticket)
         raise Crash
 
-    a.fleet.commit = die  # type: ignore[method-assign]
+    a.fleet.commit = die  # type: ignore[method-assign,assignment]
     with pytest.raises(Crash):
         a.run()
     assert [r.outcome for r in fake.refresh_requests()] == ["ok"]
@@ -201,7 +201,7 @@ def test_killed_between_journal_and_cas_is_recovered_at_restart(
         history.link(replaces, fp)
         history.remember(fp, creds)
     fleet = Fleet(a.fleet.config)
-    fleet._known = dict(a.fleet._known)  # what fleet.json would hold
+    fleet.known.restore(a.fleet.known.snapshot())  # what fleet.json would hold
     a.engine = Engine(client=a.client, salt=SALT, history=history, journal=journal,
                       lock_timeout=2.0, fleet=fleet)
     a.fleet = fleet

@@ -9,6 +9,7 @@ Counted at the server: every refresh request and its outcome. Counted at each da
 from __future__ import annotations
 
 import base64
+import contextlib
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import pytest
 
 from qwen_refresher.fleet.cluster import EtcdCluster
 from qwen_refresher.fleet.etcd import EtcdClient, prefix_end
+from qwen_refresher.fleet.tap import Tap, Taps
 from qwen_refresher.testing.fake_qwen import FakeQwen, FakeQwenConfig
 from tests.harness import (
     DaemonProcess,
@@ -48,6 +50,9 @@ class Fleet3:
         #: daemons killed and replaced (their log events still count)
         self.retired: list[DaemonProcess] = []
         self.secret = secret
+        #: Per host, the etcd URL it is given (default: the cluster's members; a tap's URL
+        #: when the test watches or holds a host's requests).
+        self.urls: dict[str, str] = {}
         for name in ("a", "b", "c"):
             home = OpenClawHome(tmp / name)
             home.write_store({"version": 1, "profiles": {
@@ -56,7 +61,7 @@ class Fleet3:
 
     def env(self, name: str) -> dict[str, str]:
         return self.homes[name].env(
-            QWEN_REFRESHER_FLEET=self.cluster.endpoints,
+            QWEN_REFRESHER_FLEET=self.urls.get(name, self.cluster.endpoints),
             QWEN_REFRESHER_FLEET_SECRET_FILE=str(self.secret),
             QWEN_REFRESHER_FLEET_NAMESPACE=self.namespace,
             QWEN_REFRESHER_FLEET_HOST_ID=f"host-{name}",
@@ -206,6 +211,19 @@ def test_no_quorum_no_refresh_anywhere_then_resume(fleet3: Fleet3,
     wait_for(lambda: f.status("a").returncode == 0, 15, "status back to 0")
 
 
+def lock_holder(client: EtcdClient, namespace: str, timeout: float = 30) -> str | None:
+    """The host id in the family's ``lock`` key, as soon as one appears."""
+    prefix = f"{namespace}/f/".encode()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        kvs, _ = client.range(prefix, prefix_end(prefix))
+        locks = [kv.value.decode() for kv in kvs if kv.key.endswith(b"/lock")]
+        if locks:
+            return locks[0]
+        time.sleep(0.02)
+    return None
+
+
 def test_sigstop_of_the_holder_past_its_ttl_then_sigcont(fleet3: Fleet3,
                                                          cluster: EtcdCluster) -> None:
     """The holder is paused while its request is on the wire (the server delays its answer),
@@ -216,15 +234,8 @@ def test_sigstop_of_the_holder_past_its_ttl_then_sigcont(fleet3: Fleet3,
     wait_rotations(f, 1, timeout=30)
     wait_for(f.all_hold_newest, 10, "every host's store updated", daemon=f.daemons["a"])
     client = EtcdClient(cluster.urls, timeout=1)
-    prefix = f"{f.namespace}/f/".encode()
     f.fake.inject("delay", delay=1.5)
-    holder: str | None = None
-    deadline = time.monotonic() + 30
-    while holder is None and time.monotonic() < deadline:
-        kvs, _ = client.range(prefix, prefix_end(prefix))
-        locks = [kv.value.decode() for kv in kvs if kv.key.endswith(b"/lock")]
-        holder = locks[0] if locks else None
-        time.sleep(0.02)
+    holder = lock_holder(client, f.namespace)
     assert holder is not None, "no host took the lock"
     paused = f.daemons[holder.removeprefix("host-")]
     paused.signal(signal.SIGSTOP)
@@ -240,6 +251,96 @@ def test_sigstop_of_the_holder_past_its_ttl_then_sigcont(fleet3: Fleet3,
     check_one_per_rotation(f)
     assert f.needs_login() == 0
     client.close()
+
+
+@contextlib.contextmanager
+def killed_between_answer_and_etcd_write(f: Fleet3,
+                                         cluster: EtcdCluster) -> Iterator[tuple[str, str]]:
+    """Three hosts, each reaching etcd through its own tap; after a first rotation, the lock
+    holder is SIGKILLed between the server's answer and its etcd write (``kill_holder``).
+    Yields (the dead host, the token only its journal holds); the hosts stop at the end."""
+    with Taps(cluster.urls) as tapset:
+        taps = {n: tapset.add(n) for n in f.homes}
+        f.urls = {n: tap.url for n, tap in taps.items()}
+        f.start("a", "b", "c")
+        wait_rotations(f, 1, timeout=30)
+        wait_for(f.all_hold_newest, 10, "every host's store updated", daemon=f.daemons["a"])
+        try:
+            yield kill_holder(f, cluster, taps)
+        finally:
+            f.stop()
+
+
+def restart_and_heal(f: Fleet3, victim: str, spent: str) -> None:
+    """Start the dead host again: its journal's tokens reach every host, and the fleet
+    rotates on from them."""
+    seen = len(f.fake.refresh_requests())
+    f.start(victim)
+    wait_for(lambda: all(f.held(n) == spent for n in f.homes) or len(
+        f.fake.refresh_requests()) > seen, 20, "the journal's answer reached every host",
+        daemon=f.daemons[victim])
+    assert f.daemons[victim].has_event("journal_replay")
+    wait_rotations(f, seen + 1, timeout=20)
+    wait_for(f.all_hold_newest, 10, "every host's store updated", daemon=f.daemons["a"])
+
+
+def kill_holder(f: Fleet3, cluster: EtcdCluster, taps: dict[str, Tap]) -> tuple[str, str]:
+    """SIGKILL the lock holder after the server answered it and it journaled the answer,
+    before its etcd write (the txn that publishes it) reaches etcd: its tap holds that txn,
+    and the kill comes the moment it is held. Returns (holder, the token it was given)."""
+    client = EtcdClient(cluster.urls, timeout=1)
+    f.fake.inject("delay", delay=1.5)  # the request is on the wire while we arm the tap
+    holder = lock_holder(client, f.namespace)
+    client.close()
+    assert holder is not None, "no host took the lock"
+    name = holder.removeprefix("host-")
+    taps[name].hold("/v3/kv/txn")
+    assert taps[name].held.wait(15), "the holder never sent its etcd write"
+    f.daemons[name].kill()
+    spent = f.newest()
+    assert f.fake.refresh_requests()[-1].outcome == "ok", "the server answered the holder"
+    assert all(f.held(n) != spent for n in f.homes), "the answer is only in the journal"
+    return name, spent
+
+
+def test_kill9_between_the_answer_and_the_etcd_write(fleet3: Fleet3,
+                                                    cluster: EtcdCluster) -> None:
+    """The token rotated at the server and reached only the dead host's journal. Until that
+    host is back, the others may not spend (the in-flight marker) and cannot (the old token is
+    dead); when it starts again (systemd restarts it), it replays its journal and publishes
+    the answer: every host takes it, nobody spends a dead token, nobody needs a login."""
+    f = fleet3
+    with killed_between_answer_and_etcd_write(f, cluster) as (victim, spent):
+        restart_and_heal(f, victim, spent)
+        assert f.bad_requests() == [], "a host spent a dead token"
+        assert f.fake.reuse_count == 0
+        assert f.needs_login() == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_kill9_between_answer_and_etcd_write_and_the_host_stays_down(
+        request: pytest.FixtureRequest, fleet3: Fleet3, cluster: EtcdCluster) -> None:
+    """``--long``: the same kill, but the dead host stays down past the in-flight grace. The
+    next holder spends the old token and is refused (the one rejected request: nobody could
+    know the dead host had been answered), waits for the fleet to move, then marks the family
+    ``needs_login`` on every host. When the dead host starts again, its journal's answer is
+    published (the record asks for a login, ours is new) and heals every host: no login
+    needed, every status back to 0, and the fleet rotates on."""
+    if not request.config.getoption("--long"):
+        pytest.skip("slow: run with --long")
+    f = fleet3
+    with killed_between_answer_and_etcd_write(f, cluster) as (victim, spent):
+        others = [n for n in f.homes if n != victim]
+        wait_for(lambda: f.bad_requests() != [], GRACE + 15, "the next holder's spend",
+                 daemon=f.daemons[others[0]])
+        assert f.bad_requests() == ["reused"]
+        wait_for(lambda: f.needs_login() >= 1, 15, "the family marked needs_login",
+                 daemon=f.daemons[others[0]])
+        restart_and_heal(f, victim, spent)
+        wait_for(lambda: all(f.status(n).returncode == 0 for n in f.homes), 20,
+                 "every status back to 0")
+        assert f.bad_requests() == ["reused"], "only the one unavoidable rejection"
 
 
 def test_raw_etcd_values_hold_no_token(fleet3: Fleet3, cluster: EtcdCluster) -> None:
