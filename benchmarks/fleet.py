@@ -120,6 +120,16 @@ def login_everywhere(fake: FakeQwen, hosts: list[Host], lifetime: float) -> floa
     return last
 
 
+def answer_at(fake: FakeQwen, spent: str | None) -> float | None:
+    """When the fake answered ``spent`` with new tokens (its request log), or None yet."""
+    return next((r.at for r in fake.refresh_requests()
+                 if r.refresh_token == spent and r.outcome == "ok"), None)
+
+
+def answered_yet(fake: FakeQwen, spent: str | None) -> bool:
+    return answer_at(fake, spent) is not None
+
+
 def rotations(fake: FakeQwen, hosts: list[Host], count: int, lifetime: float,
               ) -> tuple[list[float], list[int], int]:
     """Wait for ``count`` rotations: (answer -> last host written, in seconds; server
@@ -135,8 +145,12 @@ def rotations(fake: FakeQwen, hosts: list[Host], count: int, lifetime: float,
             print(f"rotation {rotation + 1}: no refresh within {lifetime * 3:g} s", flush=True)
             return lags, spends, incomplete + count - rotation
         issued = fake.issued[before]
-        answered = next(r.at for r in fake.refresh_requests()
-                        if r.refresh_token == issued.replaced and r.outcome == "ok")
+        # The fake files a token as issued a moment before it logs the request that got it.
+        if not wait_until(partial(answered_yet, fake, issued.replaced), 5, every=0.01):
+            print(f"rotation {rotation + 1}: the fake logged no answer", flush=True)
+            return lags, spends, incomplete + count - rotation
+        answered = answer_at(fake, issued.replaced)
+        assert answered is not None
         everywhere = wait_until(partial(all_hold, hosts, issued.refresh_token), 30)
         incomplete += not everywhere
         last = max(h.written_at() for h in hosts) - answered
