@@ -346,17 +346,6 @@ def rate_histogram(starts: Iterable[float], t0: float, bucket: float = 1.0) -> l
     return [counts.get(i, 0) for i in range(max(counts) + 1)]
 
 
-def max_window(times: Sequence[float], window: float) -> int:
-    """Most events within any ``window`` seconds."""
-    s = sorted(times)
-    best = lo = 0
-    for hi, t in enumerate(s):
-        while t - s[lo] >= window:
-            lo += 1
-        best = max(best, hi - lo + 1)
-    return best
-
-
 # --------------------------------------------------------------------------- the daemon
 
 

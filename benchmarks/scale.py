@@ -40,13 +40,14 @@ from _common import (
     fmt_s,
     footer,
     header,
-    max_window,
     rate_histogram,
     sample,
     seed_stores,
     spark,
     table,
 )
+
+from qwen_refresher.testing.fake_qwen.records import most_within
 
 GOAL_STARTUP_S = 3.0
 MARGIN = 900.0
@@ -224,7 +225,7 @@ def _storm_rows(fake: TimedFake, daemon: Daemon, n: int, done_at: float | None,
     rows.append(("max refreshes in flight at the server", str(fake.max_in_flight),
                  "<= max_concurrent_refreshes"))
     rows.append(("peak refreshes in any 1 s / 100 ms",
-                 f"{max_window(starts, 1.0)} / {max_window(starts, 0.1)}", ""))
+                 f"{most_within(starts, 1.0)} / {most_within(starts, 0.1)}", ""))
     rows.append(("mean refreshes per second over the spread",
                  f"{len(starts) / duration:.1f} /s", ""))
     if mark is not None:

@@ -38,11 +38,12 @@ from _common import (
     TimedFake,
     footer,
     header,
-    max_window,
     sample,
     seed_stores,
     table,
 )
+
+from qwen_refresher.testing.fake_qwen.records import most_within
 
 GOAL_STORM_S = 30.0
 
@@ -94,7 +95,7 @@ def run_phase(phase: Phase, latency: float, timeout: float, tmp: Path) -> Result
         starts = [s for s, _ in spans]
         done = len(spans)
         peak_1s = fake.max_rate(1.0) if fake.refresh_requests() else 0
-        peak_100ms = max_window(starts, 0.1)
+        peak_100ms = most_within(starts, 0.1)
         return Result(
             phase=phase, families=families, done=done,
             spawn_to_last=(max(e for _, e in spans) - spawned) if spans else float("nan"),

@@ -16,6 +16,32 @@ QWEN_CLIENT_ID = CLIENT_ID
 DEVICE_GRANT_TYPE = "urn:ietf:params:oauth:grant-type:device_code"
 TOKEN_PATH = "/api/v1/oauth2/token"
 DEVICE_CODE_PATH = "/api/v1/oauth2/device/code"
+
+
+class Endpoints:
+    """The fake's URLs, derived from ``base_url``: one home for its paths, shared by the
+    in-process fake, its subprocess handle and its remote control (they serve the same
+    endpoints; each says where its ``base_url`` comes from)."""
+
+    @property
+    def base_url(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def token_url(self) -> str:
+        return self.base_url + TOKEN_PATH
+
+    @property
+    def device_code_url(self) -> str:
+        return self.base_url + DEVICE_CODE_PATH
+
+    @property
+    def api_base(self) -> str:
+        return self.base_url + "/v1"
+
+    @property
+    def chat_url(self) -> str:
+        return self.api_base + "/chat/completions"
 CHAT_PATHS = frozenset({"/v1/chat/completions", "/api/v1/chat/completions"})
 AUTHORIZE_PATH = "/authorize"
 CONTROL_PREFIX = "/_fake/"

@@ -20,16 +20,12 @@ from types import TracebackType
 from typing import IO, Any, Self
 from urllib.parse import urlsplit
 
-from .config import (
-    CONTROL_PREFIX,
-    DEVICE_CODE_PATH,
-    TOKEN_PATH,
-)
+from .config import CONTROL_PREFIX, Endpoints
 
 # --------------------------------------------------------------------------- remote control
 
 
-class FakeQwenControl:
+class FakeQwenControl(Endpoints):
     """Drives a fake over its HTTP control API (``/_fake/...``); stdlib only.
 
     Mirrors FakeQwen's control methods so a test reads the same in both modes. Errors map back:
@@ -39,22 +35,14 @@ class FakeQwenControl:
     def __init__(self, base_url: str, timeout: float = 10.0) -> None:
         if urlsplit(base_url).scheme not in ("http", "https"):
             raise ValueError(f"not an http(s) URL: {base_url!r}")
-        self.base_url = base_url.rstrip("/")
+        self._base_url = base_url.rstrip("/")
         self.timeout = timeout
         # A developer's HTTP(S)_PROXY must not swallow requests meant for 127.0.0.1.
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
     @property
-    def token_url(self) -> str:
-        return self.base_url + TOKEN_PATH
-
-    @property
-    def device_code_url(self) -> str:
-        return self.base_url + DEVICE_CODE_PATH
-
-    @property
-    def chat_url(self) -> str:
-        return self.base_url + "/v1/chat/completions"
+    def base_url(self) -> str:
+        return self._base_url
 
     def _call(self, name: str, payload: dict[str, Any] | None = None) -> Any:
         data = None if payload is None else json.dumps(payload).encode()
@@ -139,7 +127,7 @@ class FakeQwenControl:
 _READY = re.compile(r"^READY (http://[^\s]+)$")
 
 
-class FakeQwenProcess:
+class FakeQwenProcess(Endpoints):
     """Runs the fake as ``python -m qwen_refresher.testing.fake_qwen`` and controls it over HTTP.
 
     For tests that need the server in another process: killing it, or keeping its threads out of
@@ -154,7 +142,7 @@ class FakeQwenProcess:
         self.env = env
         self.config = config
         self.process: subprocess.Popen[str] | None = None
-        self.base_url = ""
+        self._base_url = ""
         self._stderr: IO[bytes] | None = None
 
     def start(self) -> Self:
@@ -175,7 +163,7 @@ class FakeQwenProcess:
         if match is None:
             self.stop(timeout=1)
             raise RuntimeError(f"fake qwen did not start (got {line!r}): {self.stderr_text()}")
-        self.base_url = match.group(1)
+        self._base_url = match.group(1)
         if self.config:
             self.control.configure(**self.config)
         return self
@@ -233,15 +221,7 @@ class FakeQwenProcess:
         return FakeQwenControl(self.base_url)
 
     @property
-    def token_url(self) -> str:
-        return self.base_url + TOKEN_PATH
-
-    @property
-    def device_code_url(self) -> str:
-        return self.base_url + DEVICE_CODE_PATH
-
-    @property
-    def chat_url(self) -> str:
-        return self.base_url + "/v1/chat/completions"
+    def base_url(self) -> str:
+        return self._base_url
 
 

@@ -18,9 +18,8 @@ from typing import Any, Self
 
 from .book import _TokenBook
 from .config import (
-    DEVICE_CODE_PATH,
     DEVICE_GRANT_TYPE,
-    TOKEN_PATH,
+    Endpoints,
     FakeQwenConfig,
     _as_number,
     _as_str,
@@ -28,13 +27,13 @@ from .config import (
 )
 from .control import FakeQwenControl
 from .modes import _Faults
-from .records import RequestRecord
+from .records import RequestRecord, most_within
 from .server import _Server
 
 log = logging.getLogger("qwen_refresher.testing.fake_qwen")
 
 
-class FakeQwen(_TokenBook, _Faults):
+class FakeQwen(_TokenBook, _Faults, Endpoints):
     """The fake service: protocol state, fault queue and request log behind one lock.
 
     All public methods are thread-safe; request handler threads and the test share this object.
@@ -108,22 +107,6 @@ class FakeQwen(_TokenBook, _Faults):
         return f"http://{self.host}:{self.port}"
 
     @property
-    def token_url(self) -> str:
-        return self.base_url + TOKEN_PATH
-
-    @property
-    def device_code_url(self) -> str:
-        return self.base_url + DEVICE_CODE_PATH
-
-    @property
-    def api_base(self) -> str:
-        return self.base_url + "/v1"
-
-    @property
-    def chat_url(self) -> str:
-        return self.api_base + "/chat/completions"
-
-    @property
     def resource_url(self) -> str:
         return self._config.resource_url or f"{self.host}:{self.port}"
 
@@ -170,13 +153,7 @@ class FakeQwen(_TokenBook, _Faults):
         Benchmarks use it to prove the daemon never hammers the endpoint, even while failing.
         """
         window_s = _as_number("window_s", window_s, minimum=0, exclusive=True)
-        times = sorted(r.monotonic for r in self.refresh_requests())
-        best = start = 0
-        for end, t in enumerate(times):
-            while t - times[start] >= window_s:
-                start += 1
-            best = max(best, end - start + 1)
-        return best
+        return most_within((r.monotonic for r in self.refresh_requests()), window_s)
 
     def state(self) -> dict[str, Any]:
         """Everything observable, JSON-ready: what ``GET /_fake/state`` answers."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +15,18 @@ from .config import FakeQwenConfig
 
 # --------------------------------------------------------------------------- records
 
+
+
+def most_within(times: Iterable[float], window: float) -> int:
+    """The most of ``times`` that fall within any ``window`` seconds (a count, not a rate):
+    how the fake and the benchmarks show a burst never hit the token endpoint too hard."""
+    ordered = sorted(times)
+    best = start = 0
+    for end, t in enumerate(ordered):
+        while t - ordered[start] >= window:
+            start += 1
+        best = max(best, end - start + 1)
+    return best
 
 @dataclass(frozen=True)
 class RequestRecord:
