@@ -2,7 +2,8 @@
 
 The shipped ``qwen_refresher.logsetup.Redactor`` keeps a structure over every secret it knows
 (a regular expression until 064adfe, Aho-Corasick automata until issue 16's second round, an
-index of hashed windows of each form since) and updates it as secrets arrive. This shim swaps in a redactor whose cost does not depend on the number of secrets, to
+index of hashed windows of each form since) and updates it as secrets arrive. This shim swaps
+in a redactor whose cost does not depend on the number of secrets, to
 show what the rest of the daemon costs without that:
 
 - ``add`` only records the secret (copy-on-write dict, newest 10,000 kept);

@@ -3,8 +3,8 @@
 Each host is a real ``qwen-refresher run`` process (``benchmarks/_common.Daemon``, i.e.
 ``qwen_refresher/testing/daemon_proc.py``, the one daemon runner) with its own HOME, OpenClaw
 state dir, store and state dir, against the fake Qwen server on 127.0.0.1, and its own
-``fleet.tap.Tap`` in front of the etcd cluster: a counting TCP proxy that sees every HTTP request
-the host sends to etcd, on the wire.
+``testing.etcd_tap.Tap`` in front of the etcd cluster: a counting TCP proxy that sees every
+HTTP request the host sends to etcd, on the wire.
 
 The run:
 
@@ -39,9 +39,9 @@ from pathlib import Path
 
 from _common import Daemon, Home, fmt_ms, footer, header, loadavg, median, pct, table
 
-from qwen_refresher.fleet.cluster import EtcdCluster, EtcdNotInstalled, ensure_etcd
 from qwen_refresher.fleet.crypto import write_secret_file
-from qwen_refresher.fleet.tap import Tap, Taps
+from qwen_refresher.testing.etcd_cluster import EtcdCluster, EtcdNotInstalled, ensure_etcd
+from qwen_refresher.testing.etcd_tap import Tap, Taps
 from qwen_refresher.testing.fake_qwen import FakeQwen, FakeQwenConfig
 
 PROFILE = "qwen-portal:default"

@@ -2,9 +2,9 @@
 
 The daemon talks to one object, :class:`Fleet` (``coordinator.py``): the engine asks it before
 spending and tells it the answer first; a watch brings other hosts' rotations. ``etcd.py`` is
-the bounded JSON-gateway client, ``crypto.py`` the fleet secret (family ids, AES-GCM records),
-``cluster.py`` a real loopback etcd cluster for tests and benchmarks. docs/fleet.md has the
-protocol and the failure table.
+the bounded JSON-gateway client, ``crypto.py`` the fleet secret (family ids, AES-GCM records).
+A real loopback etcd cluster for tests and benchmarks is ``testing/etcd_cluster.py``.
+docs/fleet.md has the protocol and the failure table.
 
 Names are imported lazily: the engine imports the error kinds on every daemon start, and a
 daemon without a fleet should not pay for loading ``cryptography``.

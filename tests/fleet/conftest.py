@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from qwen_refresher.fleet.cluster import EtcdCluster, EtcdNotInstalled, ensure_etcd
 from qwen_refresher.fleet.crypto import write_secret_file
+from qwen_refresher.testing.etcd_cluster import EtcdCluster, EtcdNotInstalled, ensure_etcd
 
 _names = itertools.count()
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from qwen_refresher.fleet import Fleet, FleetBusy, FleetConfig, FleetMoved, FleetUnavailable
-from qwen_refresher.fleet.cluster import EtcdCluster
 from qwen_refresher.models import Credentials, ProfileKey
+from qwen_refresher.testing.etcd_cluster import EtcdCluster
 
 
 def creds(n: int) -> Credentials:

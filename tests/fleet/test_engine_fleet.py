@@ -15,13 +15,13 @@ import pytest
 
 from qwen_refresher.engine import Engine, Member, Outcome
 from qwen_refresher.fleet import Fleet, FleetConfig, Ticket
-from qwen_refresher.fleet.cluster import EtcdCluster
 from qwen_refresher.fleet.etcd import b64, prefix_end
 from qwen_refresher.history import TokenHistory
 from qwen_refresher.journal import Journal
 from qwen_refresher.models import Credentials, fingerprint
 from qwen_refresher.qwen import QwenOAuthClient
 from qwen_refresher.stores.openclaw import OpenClawStore
+from qwen_refresher.testing.etcd_cluster import EtcdCluster
 from qwen_refresher.testing.fake_qwen import QWEN_CLIENT_ID, FakeQwen, FakeQwenConfig
 
 PROFILE = "qwen-portal:default"

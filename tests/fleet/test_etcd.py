@@ -9,9 +9,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from qwen_refresher.fleet.cluster import EtcdCluster
 from qwen_refresher.fleet.errors import FleetAnswerInvalid, FleetUnavailable
 from qwen_refresher.fleet.etcd import Compare, EtcdClient, Get, Put, prefix_end
+from qwen_refresher.testing.etcd_cluster import EtcdCluster
 
 
 def watched(client: EtcdClient, prefix: bytes, change: Callable[[], object]) -> list[bytes]:
@@ -132,7 +132,7 @@ def test_a_tap_counts_each_request_on_the_wire_and_can_hold_one(cluster: EtcdClu
     """The benchmark counts a host's etcd requests with a tap, and the kill test holds a
     host's commit in one: both only mean something if the tap sees exactly what the client
     sends (watch streams pass through) and a held request never reaches etcd."""
-    from qwen_refresher.fleet.tap import Taps
+    from qwen_refresher.testing.etcd_tap import Taps
 
     with Taps(cluster.urls) as taps:
         tap = taps.add("h")

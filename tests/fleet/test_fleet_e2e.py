@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from qwen_refresher.fleet.cluster import EtcdCluster
 from qwen_refresher.fleet.etcd import EtcdClient, prefix_end
-from qwen_refresher.fleet.tap import Tap, Taps
+from qwen_refresher.testing.etcd_cluster import EtcdCluster
+from qwen_refresher.testing.etcd_tap import Tap, Taps
 from qwen_refresher.testing.fake_qwen import FakeQwen, FakeQwenConfig
 from tests.harness import (
     DaemonProcess,

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from qwen_refresher.config import Settings
-from qwen_refresher.fleet.cluster import EtcdCluster
 from qwen_refresher.fleet.crypto import read_secret_file
 from qwen_refresher.fleet.published import fleet_not_ready, fleet_report
 from qwen_refresher.fleet.runtime import fleet_config
+from qwen_refresher.testing.etcd_cluster import EtcdCluster
 
 
 def test_settings_need_a_secret_and_safe_urls(tmp_path: Path) -> None:
@@ -89,7 +89,7 @@ def test_fleet_check_command(cluster: EtcdCluster, secret_file: Path, tmp_path: 
 
 def test_install_script_is_idempotent(cluster: EtcdCluster) -> None:
     """Once etcd is there (the cluster fixture made sure), the installer only confirms it."""
-    from qwen_refresher.fleet.cluster import INSTALL_SCRIPT
+    from qwen_refresher.testing.etcd_cluster import INSTALL_SCRIPT
 
     for args in ([], ["--check"]):
         done = subprocess.run([str(INSTALL_SCRIPT), *args], capture_output=True, text=True,

@@ -17,9 +17,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from qwen_refresher.fleet.cluster import EtcdCluster, EtcdNotInstalled, ensure_etcd, free_port
 from qwen_refresher.fleet.errors import FleetUnavailable
 from qwen_refresher.fleet.etcd import EtcdClient, Put
+from qwen_refresher.testing.etcd_cluster import (
+    EtcdCluster,
+    EtcdNotInstalled,
+    ensure_etcd,
+    free_port,
+)
 
 
 def _cert(name: str, issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None,
