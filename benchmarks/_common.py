@@ -27,8 +27,18 @@ BENCH_DIR = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from qwen_refresher.testing.daemon_proc import DaemonProc, daemon_env, redact, run_argv  # noqa: E402
+from qwen_refresher.testing.daemon_proc import (  # noqa: E402
+    DaemonProc,
+    daemon_env,
+    ensure_bytecode,
+    redact,
+    run_argv,
+)
 from qwen_refresher.testing.fake_qwen import FakeQwen  # noqa: E402
+
+# The daemon measured is the one a user runs: an installed package has its bytecode, a
+# checkout under PYTHONDONTWRITEBYTECODE=1 would compile every module at every start.
+ensure_bytecode()
 
 PROVIDER = "qwen-portal"
 CLK_TCK = os.sysconf("SC_CLK_TCK")

@@ -3,10 +3,11 @@
 One daemon over ``--stores`` agents x 2 qwen profiles (tokens live 6 h: nothing is due),
 each figure printed beside a baseline measured in the same run (``_baseline.py``):
 
-* **start to ready**: spawn -> the ``started`` log record (emitted with READY=1, after the
-  first scan and every family scheduled), and spawn -> a ``state.json`` listing every profile
-  with its planned refresh; ratio to the import floor (``python -c "import <the six card
-  packages>"``), which no daemon built on them can beat;
+* **start to ready**: spawn -> ``READY=1`` received on a notify socket of our own (systemd's
+  protocol: the daemon sends it once the first scan is done, every family scheduled and the
+  watches armed), spawn -> the ``started`` log record, and spawn -> a ``state.json`` listing
+  every profile with its planned refresh; ratio to the import floor (``python -c "import
+  <the six card packages>"``), which no daemon built on them can beat;
 * **idle RSS** (``VmRSS`` after a settle): ratio to the import floor's peak RSS. Run it with
   the interpreter of a clean ``pip install .`` venv (``--python`` is not needed: run this
   script with that interpreter; the daemon inherits it) so test-only packages do not count;
@@ -21,9 +22,12 @@ each figure printed beside a baseline measured in the same run (``_baseline.py``
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 import tempfile
+import threading
 import time
+import uuid
 from pathlib import Path
 
 from _baseline import by_name, measure, ratio
@@ -49,6 +53,37 @@ def _all_planned(home: Home, expected: int) -> bool:
     profiles = home.state_profiles()
     return profiles is not None and len(profiles) >= expected and all(
         p.get("next_refresh_at") is not None for p in profiles)
+
+
+class ReadyListener:
+    """A ``$NOTIFY_SOCKET`` (abstract namespace) that notes when ``READY=1`` arrives."""
+
+    def __init__(self) -> None:
+        name = f"qr-bench-notify-{uuid.uuid4().hex}"
+        self.env_value = "@" + name
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(b"\0" + name.encode())
+        self.sock.settimeout(0.5)
+        self.ready_at: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while not self._stop.is_set() and self.ready_at is None:
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if "READY=1" in data.decode(errors="replace").split("\n"):
+                self.ready_at = time.time()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             TimedFake(lifetime=SIX_HOURS) as fake:
         home = Home(Path(tmp))
         seed_stores(home, fake, stores=stores, per_store=2, expires_in=SIX_HOURS)
-        with Daemon(home, fake, env=extra) as daemon:
+        notify = ReadyListener()
+        with Daemon(home, fake, env={**extra, "NOTIFY_SOCKET": notify.env_value}) as daemon:
             state_at: float | None = None
             cpu_ready: float | None = None
             deadline = time.monotonic() + opts.timeout
@@ -96,21 +132,30 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(0.02)
             started = daemon.wait_event("started", 0.1)
             if started is None:
+                notify.close()
                 rows.append(("spawn -> ready (`started`)", f"> {opts.timeout:g} s (gave up)",
                               f"< {GOAL_READY_S:g} s"))
                 table(rows)
                 footer()
                 return 0
-            ready = float(started["_ts"]) - daemon.spawned_at
+            logged = float(started["_ts"]) - daemon.spawned_at
             if cpu_ready is None:
                 cpu_ready = sample(daemon.pid).cpu
-            rows.append((f"**spawn -> ready** (`started`, READY=1; {profiles} profiles)",
-                         f"{fmt_s(ready)} ({ratio(ready, floor)} the import floor)",
-                         f"< {GOAL_READY_S:g} s"))
+            notify.close()
+            if notify.ready_at is not None:
+                ready = notify.ready_at - daemon.spawned_at
+                rows.append((f"**spawn -> READY=1** (sd_notify, received; {profiles} profiles)",
+                             f"{fmt_s(ready)} ({ratio(ready, floor)} the import floor)",
+                             f"< {GOAL_READY_S:g} s"))
+            else:
+                rows.append(("spawn -> READY=1 (sd_notify)", "not received",
+                             f"< {GOAL_READY_S:g} s"))
+            rows.append(("spawn -> the `started` log record (its own timestamp)",
+                         f"{fmt_s(logged)} ({ratio(logged, floor)} the import floor)", ""))
             full = (state_at - daemon.spawned_at) if state_at else float("nan")
             rows.append(("spawn -> state.json lists every profile, each planned",
                          f"{fmt_s(full)} ({ratio(full, floor)} the import floor)", ""))
-            rows.append(("daemon CPU by ready (all threads, read when `started` arrived)",
+            rows.append(("daemon CPU by `started` (all threads, read when it arrived)",
                          f"{cpu_ready:.2f} s", ""))
             time.sleep(settle)
             before = sample(daemon.pid)

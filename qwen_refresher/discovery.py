@@ -24,7 +24,7 @@ from .settings_core import (
     json5_depth,
     load_openclaw_config,
 )
-from .stores import Store
+from .stores import STORE_KINDS, Store
 
 __all__ = [
     "MAX_CONFIG_BYTES",
@@ -100,10 +100,10 @@ def configured_agent_dirs(env: Mapping[str, str] | None = None) -> list[Path]:
     return found
 
 
-def open_store(path: Path, kind: str) -> Store:
-    from .stores import STORE_KINDS
-
-    return STORE_KINDS[kind](path)
+def open_store(path: Path, kind: str, *, anchors: Iterable[Path] | None = None) -> Store:
+    """The adapter for the store at ``path``; ``anchors``: ``paths.anchor_dirs()`` when
+    opening many at once (looked up once, not per store)."""
+    return STORE_KINDS[kind](path, anchors=anchors)
 
 
 def watch_dirs(

@@ -18,6 +18,13 @@ On disk an observation is a line ``obs <old> <new>``, which older versions skip.
 
 Only the newest credentials of each lineage are kept in memory (never on disk here: the
 journal does that while a write is pending), so a store that was reverted can be re-applied.
+
+Links are kept per lineage, the newest ``LINKS_PER_LINEAGE`` of each (and ``MAX_LINKS`` in
+all): a link is worth keeping only while a store may still show the token it supersedes, and
+that is a recent token of the lineage, not one of every rotation ever made. Kept for every
+rotation up to a global cap, a daemon refreshing 40 profiles every 2 seconds grew ~0.23 MB
+per 1,000 refreshes until 50,000 links (issue 16); bounded per lineage it is flat from
+``LINKS_PER_LINEAGE`` rotations of each family on.
 """
 
 from __future__ import annotations
@@ -32,18 +39,43 @@ from pathlib import Path
 
 from .models import Credentials
 
-#: Lineage links kept: several rotations' worth for thousands of profiles (each link is two
-#: 24-character hex strings, ~200 bytes with the dict: ~10 MB at the cap).
+#: Links kept per lineage (the newest). A store is recognised as holding a consumed token of
+#: its lineage (a writer that put back the copy it held, a store that could not be written for
+#: a while, a restored backup) only while the link from that token is kept; past it, the
+#: store's token is taken as a lineage of its own. Real tokens are rotated once per lifetime
+#: (hours), so 64 rotations are days to weeks: far older than any copy a writer still holds
+#: (OpenClaw re-reads its store at each reload, ``on_rotate``), and more than the global cap
+#: below left each lineage at a few thousand profiles (25 at 2,000). Tokens rotated every
+#: 2 seconds (the churn benchmark) reach it in ~2 minutes, and memory stops growing there.
+LINKS_PER_LINEAGE = 64
+#: Lineage links kept in all (each link is two 24-character hex strings, ~220 bytes with the
+#: dict and its place in a lineage: ~11 MB at the cap). Past it, the lineages extended least
+#: recently (lineages that ended: a profile removed, a new login) lose their oldest links
+#: first.
 MAX_LINKS = 50_000
 #: Links ``linked_since`` can still list; a caller further behind recomputes in full.
 RECENT_LINKS = 4096
+#: The most of the lineage log ``load`` reads; a larger file is not read at all.
+MAX_LOG_BYTES = 64 * 1024 * 1024
+#: The log is appended to at every rotation and rewritten compacted once it has this many
+#: times more lines than the links and observations kept (plus ``LOG_SLACK``), at start
+#: (``load``) and while running: at most ~22 MB with both at ``MAX_LINKS`` (~54 bytes a
+#: line), well under ``MAX_LOG_BYTES``. Compacted only at start, a daemon serving 2,000
+#: profiles rotated every ~6 hours passed it in ~5 months (40 profiles of 2-second tokens:
+#: ~9 hours), and its next start forgot every lineage.
+LOG_GROWTH = 4
+LOG_SLACK = 4096
 
 
 class TokenHistory:
     def __init__(self, log_path: Path | None = None) -> None:
         self._lock = threading.Lock()
         self._log_path = log_path
-        self._successors: OrderedDict[str, str] = OrderedDict()
+        #: old -> new, in the order made (a re-made link moves to the end)
+        self._successors: dict[str, str] = {}
+        #: lineage head -> the tokens it superseded whose links are kept, oldest first; the
+        #: lineages extended least recently first (what ``MAX_LINKS`` trims first)
+        self._chains: OrderedDict[str, deque[str]] = OrderedDict()
         self._rejected: OrderedDict[str, tuple[float, str]] = OrderedDict()
         self._latest: dict[str, Credentials] = {}
         self._issued: dict[str, float] = {}
@@ -52,6 +84,8 @@ class TokenHistory:
         #: and the fingerprints the latest of them superseded (``linked_since``).
         self._serial = 0
         self._recent: deque[str] = deque(maxlen=RECENT_LINKS)
+        #: lines in the log file (as far as we know: appended, or written by ``_compact``)
+        self._log_lines = 0
 
     # -- lineage ----------------------------------------------------------------------------
     def link(self, old: str, new: str) -> None:
@@ -66,14 +100,39 @@ class TokenHistory:
         with self._lock:
             if self._successors.get(old) == new:
                 return
-            self._successors[old] = new
-            self._successors.move_to_end(old)
-            while len(self._successors) > MAX_LINKS:
-                self._successors.popitem(last=False)
+            self._add_link(old, new)
             self._forget_superseded(old)
             self._serial += 1
             self._recent.append(old)
             self._append(f"{old} {new}\n")
+
+    def _add_link(self, old: str, new: str) -> None:
+        """``old`` -> ``new`` into the links and ``new``'s lineage, then the bounds (caller
+        holds ``_lock``). ``old`` heading a lineage, that lineage continues under ``new``;
+        ``new`` heading one already (a token that rejoins another lineage), they become one.
+
+        A token in two lineages (``old`` linked again to another token: two rotations from
+        one token, which the server never grants both of) is dropped by whichever trims it
+        first: a link forgotten early, never a wrong one.
+        """
+        self._successors.pop(old, None)  # a re-made link moves to the end: the newest
+        self._successors[old] = new
+        chain = self._chains.pop(old, None)
+        if chain is None:
+            chain = deque()
+        chain.append(old)
+        joined = self._chains.pop(new, None)
+        if joined is not None:
+            chain.extend(joined)
+        self._chains[new] = chain
+        while len(chain) > LINKS_PER_LINEAGE:
+            self._successors.pop(chain.popleft(), None)
+        while len(self._successors) > MAX_LINKS and self._chains:
+            head, oldest = next(iter(self._chains.items()))
+            if oldest:
+                self._successors.pop(oldest.popleft(), None)
+            if not oldest:
+                del self._chains[head]
 
     def _forget_superseded(self, fp: str) -> None:
         """Drop what we keep of ``fp`` now that it is superseded (caller holds ``_lock``):
@@ -95,6 +154,24 @@ class TokenHistory:
                 os.write(fd, line.encode())
             finally:
                 os.close(fd)
+            self._log_lines += 1
+        if self._log_lines > LOG_GROWTH * (len(self._successors) + len(self._observed)) \
+                + LOG_SLACK:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Rewrite the log as the links and observations kept (caller holds ``_lock``),
+        atomically, 0600. A failed write leaves the longer log, tried again after as many
+        more lines (never a rewrite per rotation on a full disk)."""
+        if self._log_path is None:
+            return
+        from .fileio import atomic_write
+
+        data = "".join([*(f"{a} {b}\n" for a, b in self._successors.items()),
+                        *(f"obs {a} {b}\n" for a, b in self._observed.items())]).encode()
+        self._log_lines = len(self._successors) + len(self._observed)
+        with contextlib.suppress(OSError, ValueError):
+            atomic_write(self._log_path, data, mode=0o600)
 
     def observe(self, old: str, new: str) -> None:
         """Record that a store's ``old`` token was seen replaced by ``new`` by someone else
@@ -130,14 +207,15 @@ class TokenHistory:
         return fp
 
     def load(self) -> None:
-        """Read the lineage log and rewrite it compacted (the newest ``MAX_LINKS`` links)."""
+        """Read the lineage log and rewrite it compacted (the links ``link`` would have
+        kept: the newest ``LINKS_PER_LINEAGE`` of each lineage, ``MAX_LINKS`` in all)."""
         if self._log_path is None:
             return
         from .errors import StoreError
         from .fileio import read_regular_file
 
         try:  # no symlink followed, no FIFO waited on, size capped
-            data = read_regular_file(self._log_path, 64 * 1024 * 1024).data
+            data = read_regular_file(self._log_path, MAX_LOG_BYTES).data
         except StoreError:
             return
         lines = data.decode("ascii", errors="replace").splitlines()
@@ -145,13 +223,11 @@ class TokenHistory:
             for line in lines:
                 parts = line.split()
                 if len(parts) == 2 and parts[0] != parts[1]:
-                    self._successors[parts[0]] = parts[1]
-                    self._successors.move_to_end(parts[0])
+                    if self._successors.get(parts[0]) != parts[1]:
+                        self._add_link(parts[0], parts[1])
                 elif len(parts) == 3 and parts[0] == "obs" and parts[1] != parts[2]:
                     self._observed[parts[1]] = parts[2]
                     self._observed.move_to_end(parts[1])
-            while len(self._successors) > MAX_LINKS:
-                self._successors.popitem(last=False)
             while len(self._observed) > MAX_LINKS:
                 self._observed.popitem(last=False)
             self._serial += RECENT_LINKS + 1
@@ -160,14 +236,9 @@ class TokenHistory:
                 self._forget_superseded(old)
             for old in [k for k in self._issued if k in self._successors]:
                 self._forget_superseded(old)
+            self._log_lines = len(lines)
             if len(lines) > len(self._successors) + len(self._observed):
-                from .fileio import atomic_write
-
-                data = "".join([*(f"{a} {b}\n" for a, b in self._successors.items()),
-                                *(f"obs {a} {b}\n" for a, b in self._observed.items())]
-                               ).encode()
-                with contextlib.suppress(OSError, ValueError):
-                    atomic_write(self._log_path, data, mode=0o600)
+                self._compact()
 
     def is_superseded(self, fp: str) -> bool:
         with self._lock:

@@ -108,11 +108,15 @@ def discover_openclaw_stores(env: Mapping[str, str] | None = None) -> list[Path]
         names = []
     found: list[Path] = []
     seen: set[str] = set()
+    prefix, suffix = os.path.join(agents, ""), f"/agent/{AUTH_STORE_NAME}"
     for name in names:
-        candidate = os.path.join(agents, name, "agent", AUTH_STORE_NAME)
-        if os.path.lexists(candidate):
-            found.append(Path(candidate))
-            seen.add(candidate)
+        candidate = prefix + name + suffix  # os.path.join's result: a name holds no "/"
+        try:
+            os.lstat(candidate)  # os.path.lexists, without its frame
+        except (OSError, ValueError):
+            continue
+        found.append(Path(candidate))
+        seen.add(candidate)
     main = main_agent_dir(e) / AUTH_STORE_NAME
     if str(main) not in seen and os.path.lexists(main):
         found.append(main)
@@ -146,10 +150,12 @@ def unique_files(candidates: Iterable[Path]) -> list[Path]:
     out: list[Path] = []
     for candidate in candidates:
         path = candidate.absolute()
+        # text, no Path built: an absolute Path's text has one "/" before its name
+        directory, _, name = os.fspath(path).rpartition("/")
         try:
-            # follows every symlink: one identity for every spelling (dirname: no Path built)
-            st = os.stat(os.path.dirname(path))
-            key: object = (st.st_dev, st.st_ino, path.name)
+            # follows every symlink: one identity for every spelling
+            st = os.stat(directory or "/")
+            key: object = (st.st_dev, st.st_ino, name)
         except (OSError, ValueError):
             key = (os.path.realpath(path.parent), path.name)  # only when there is no dir
         if key in seen:
@@ -197,17 +203,25 @@ def shorten_home(path: Path | str, env: Mapping[str, str] | None = None) -> str:
     return shorten(path, env)
 
 
-def store_anchor(store: Path, env: Mapping[str, str] | None = None) -> Path | None:
+def anchor_dirs(env: Mapping[str, str] | None = None) -> tuple[Path, Path]:
+    """The directories a store's path can be trusted from (``store_anchor``): OpenClaw's
+    state dir and Qwen Code's home, looked up once for a discovery's many stores."""
+    e = _env(env)
+    return openclaw_state_dir(e), qwen_home(e)
+
+
+def store_anchor(store: Path, env: Mapping[str, str] | None = None, *,
+                 bases: Iterable[Path] | None = None) -> Path | None:
     """The directory a store's path is trusted from: OpenClaw's state dir or Qwen Code's home.
 
     Every directory between the anchor and the store must be ours and not a symlink leading
     elsewhere (``fileio.check_parents``): a symlinked ``agents/<id>/agent`` would otherwise
     make us manage a file outside OpenClaw's tree. None for a store anywhere else (only its
-    own directory is checked then).
+    own directory is checked then). ``bases``: ``anchor_dirs(env)`` when the caller has it
+    already (one discovery, a thousand stores: each lookup is an ``exists()`` or two).
     """
-    e = _env(env)
-    inner = store.parent.parts
-    for base in (openclaw_state_dir(e), qwen_home(e)):
+    inner = store.parts[:-1]  # the parent's parts, without building the parent
+    for base in anchor_dirs(env) if bases is None else bases:
         # ``store.parent == base or base in store.parents``, by parts: pathlib's spelling
         # builds a Path per ancestor, once per store at start-up (1,000 stores: measurable).
         if inner[:len(base.parts)] == base.parts:

@@ -6,6 +6,8 @@ import stat
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -289,3 +291,99 @@ def test_the_anchor_itself_may_be_a_symlink_to_anywhere(tmp_path: Path) -> None:
     (tmp_path / "home" / ".openclaw").symlink_to(tmp_path / "data")
     anchor = tmp_path / "home" / ".openclaw"
     check_parents(anchor / "agents" / "main" / "agent" / "auth-profiles.json", anchor)
+
+
+def _hostile_tree(root: Path) -> tuple[Path, list[Path]]:
+    """An OpenClaw tree whose stores share their upper directories, hostile ones among them."""
+    (root / "data" / "agents").mkdir(parents=True)
+    (root / "home").mkdir()
+    anchor = root / "home" / ".openclaw"
+    anchor.symlink_to(root / "data")  # a moved state dir, linked back: trusted
+    agents = anchor / "agents"
+    outside = root / "outside"
+    outside.mkdir()
+    (outside / "auth-profiles.json").write_text('{"stolen": 1}')
+    for name in ("a", "b", "ok-v2", "lnk", "fifo", "dirfile"):
+        (agents / name / "agent").mkdir(parents=True)
+        (agents / name / "agent" / "auth-profiles.json").write_text(f'{{"{name}": 1}}')
+    (agents / "evil").mkdir()
+    (agents / "evil" / "agent").symlink_to(outside)  # an agent dir leading out of the tree
+    (agents / "ok").symlink_to("ok-v2")  # a symlink that stays in its own directory
+    (agents / "loop").mkdir()
+    (agents / "loop" / "agent").symlink_to("agent")  # a symlink loop
+    store = agents / "lnk" / "agent" / "auth-profiles.json"
+    store.unlink()
+    store.symlink_to(outside / "auth-profiles.json")  # a store file leading out
+    fifo = agents / "fifo" / "agent" / "auth-profiles.json"
+    fifo.unlink()
+    os.mkfifo(fifo)
+    (agents / "dirfile" / "agent" / "auth-profiles.json").unlink()
+    (agents / "dirfile" / "agent" / "auth-profiles.json").mkdir()
+    names = ["a", "evil", "b", "ok", "loop", "lnk", "fifo", "dirfile", "gone", "a"]
+    return anchor, [agents / n / "agent" / "auth-profiles.json" for n in names]
+
+
+def _verdict(path: Path, anchor: Path) -> str:
+    from qwen_refresher.fileio import check_parents
+
+    try:
+        check_parents(path, anchor)
+        real = resolve_confined(path)
+        data = read_store_file(path).data
+    except StoreUnreadable as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return f"{real} {data!r}"
+
+
+def test_a_shared_scope_judges_every_store_as_alone(tmp_path: Path) -> None:
+    """``shared_checks`` (one scan's directory lookups shared) changes no verdict: each store
+    of a hostile tree is refused or read exactly as without it, in any order."""
+    from qwen_refresher.fileio import shared_checks
+
+    anchor, stores = _hostile_tree(tmp_path)
+    alone = [_verdict(p, anchor) for p in stores]
+    assert "stolen" not in " ".join(alone)
+    assert sum("FileRefused" in v or "outside" in v for v in alone) >= 3, alone
+    for order in (stores, stores[::-1]):
+        with shared_checks():
+            shared = [_verdict(p, anchor) for p in order]
+        assert shared == [_verdict(p, anchor) for p in order] == \
+            [alone[stores.index(p)] for p in order]
+
+
+def test_a_directory_swapped_during_a_scope_is_seen_after_its_max_age(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scan may take its directories as it found them only briefly: an agent dir swapped
+    for a symlink leading out is refused once ``SHARED_CHECKS_MAX_AGE`` has passed, and at
+    once by any other thread (an event's read)."""
+    from qwen_refresher import fileio
+    from qwen_refresher.errors import FileRefused
+
+    anchor, stores = _hostile_tree(tmp_path)
+    store = stores[0]  # agents/a/agent/auth-profiles.json
+    monkeypatch.setattr(fileio, "SHARED_CHECKS_MAX_AGE", 0.2)
+    with fileio.shared_checks():
+        fileio.check_parents(store, anchor)
+        assert read_store_file(store).data == b'{"a": 1}'
+        agent = store.parent
+        agent.rename(agent.with_name("agent-old"))
+        agent.symlink_to(tmp_path / "outside")
+        seen: list[BaseException] = []
+        thread = threading.Thread(target=lambda: seen.extend(
+            _raised(lambda: fileio.check_parents(store, anchor))))
+        thread.start()
+        thread.join()
+        assert seen and isinstance(seen[0], FileRefused), seen
+        time.sleep(0.25)
+        with pytest.raises(FileRefused, match="outside"):
+            fileio.check_parents(store, anchor)
+        # and the real path is looked up afresh: what it is without a scope
+        assert resolve_confined(store) == (tmp_path / "outside" / "auth-profiles.json")
+
+
+def _raised(call: Callable[[], object]) -> list[BaseException]:
+    try:
+        call()
+    except Exception as exc:  # the test inspects it
+        return [exc]
+    return []

@@ -122,6 +122,55 @@ def test_links_in_memory_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
     assert h.links() == {"c": "d", "e": "f"}
 
 
+def test_each_lineage_keeps_its_newest_links_however_fast_another_churns(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Links are bounded per lineage (``LINKS_PER_LINEAGE``), not only in all: a family
+    rotated every 2 seconds stops adding memory, and does not push out the links of a family
+    rotated once a day. A restart keeps the same links, and the log is compacted to them."""
+    monkeypatch.setattr(history_module, "LINKS_PER_LINEAGE", 3)
+    log = tmp_path / "lineage.log"
+    h = TokenHistory(log)
+    h.link("slow0", "slow1")
+    for i in range(10):
+        h.link(f"fast{i}", f"fast{i + 1}")
+    kept = {"slow0": "slow1", "fast7": "fast8", "fast8": "fast9", "fast9": "fast10"}
+    assert h.links() == kept
+    assert h.newest("fast7") == "fast10" and h.newest("slow0") == "slow1"
+    assert not h.is_superseded("fast6")  # beyond the bound: a lineage of its own now
+    h.link("fast10", "fast11")  # the lineage goes on from where it was
+    assert h.newest("fast8") == "fast11" and not h.is_superseded("fast7")
+    again = TokenHistory(log)
+    again.load()
+    assert again.links() == h.links()
+    assert len(log.read_text().splitlines()) == 4  # compacted: 12 lines were appended
+    again.link("slow1", "slow2")
+    again.link("x", "slow2")  # a token joining a lineage at its head: one lineage, one bound
+    assert again.newest("x") == "slow2"
+    again.link("slow2", "slow3")
+    assert again.newest("slow0") == "slow3" and not again.is_superseded("x")
+
+
+def test_a_running_daemon_compacts_its_log(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Appended to at every rotation, the log is rewritten as the links kept once it is
+    ``LOG_GROWTH`` times longer (plus ``LOG_SLACK``), not only at start: it never grows to
+    what ``load`` refuses to read (which would forget every lineage)."""
+    monkeypatch.setattr(history_module, "LINKS_PER_LINEAGE", 2)
+    monkeypatch.setattr(history_module, "LOG_SLACK", 3)
+    log = tmp_path / "lineage.log"
+    h = TokenHistory(log)
+    h.observe("o1", "o2")
+    for i in range(200):
+        h.link(f"t{i}", f"t{i + 1}")
+        lines = log.read_text().splitlines()
+        assert len(lines) <= history_module.LOG_GROWTH * 3 + 3
+    assert stat.S_IMODE(log.stat().st_mode) == 0o600
+    again = TokenHistory(log)
+    again.load()
+    assert again.links() == h.links() == {"t198": "t199", "t199": "t200"}
+    assert again.heirs("o1") == ["o2"]
+
+
 def test_a_symlink_at_the_log_path_is_never_appended_through(tmp_path: Path) -> None:
     victim = tmp_path / "victim"
     victim.write_text("precious\n")

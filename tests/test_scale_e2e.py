@@ -63,6 +63,11 @@ def test_storm_is_held_to_max_refresh_rate(oc: OpenClawHome, fake: FakeQwen) -> 
     with DaemonProcess(oc, fake, env=env, margin="900") as daemon:
         wait_for(lambda: len(fake.refresh_requests()) >= families, 30,
                  f"{families} refreshes", daemon)
+        # Many stores found at once: one summary line, not a line per store (those are at
+        # debug level, which this run does not log).
+        found = [e for e in daemon.events() if e.get("event") in ("store_found", "stores_found")]
+        assert [(e["event"], e["count"], e["kinds"]) for e in found] == \
+            [("stores_found", families, {"openclaw": families})], found
     # 8/s with starts spaced 1/8 s: any 1 s window holds at most 8 (+1 at its edges).
     assert fake.max_rate(1.0) <= 9, f"{fake.max_rate(1.0)} requests in one second"
     times = sorted(r.monotonic for r in fake.refresh_requests())

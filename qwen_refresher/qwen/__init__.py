@@ -27,6 +27,7 @@ from .constants import (
     DEVICE_CODE_URL,
     DEVICE_GRANT_TYPE,
     MAX_POLL_INTERVAL,
+    MAX_REQUEST_SECONDS,
     QWEN_CLIENT_ID,
     REJECTION_ERRORS,
     SCOPE,
@@ -36,7 +37,7 @@ from .constants import (
 if TYPE_CHECKING:
     from .answers import DeviceAuthorization, TokenGrant, parse_retry_after
     from .client import QwenOAuthClient
-    from .transport import MAX_BODY, MAX_REQUEST_SECONDS, STOP_GRACE, proxy_for
+    from .transport import MAX_BODY, STOP_GRACE, proxy_for
 
 __all__ = [
     "CLIENT_ID",
@@ -68,7 +69,6 @@ _LAZY = {
     "parse_retry_after": "answers",
     "QwenOAuthClient": "client",
     "MAX_BODY": "transport",
-    "MAX_REQUEST_SECONDS": "transport",
     "STOP_GRACE": "transport",
     "proxy_for": "transport",
 }

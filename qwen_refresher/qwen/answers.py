@@ -22,14 +22,15 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from .. import errors, models
 from ..logsetup import secret_forms
 from ..stores.base import check_expires_in, check_token
 from .constants import DEFAULT_POLL_INTERVAL
+
+if TYPE_CHECKING:
+    import httpx
 
 MAX_DESCRIPTION = 200
 REDACTED = "[redacted]"

@@ -9,15 +9,15 @@ given at most ``STOP_GRACE`` more seconds (its answer may hold the only live ref
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import Self
-
-import httpx
+from typing import TYPE_CHECKING, Self
 
 from .. import __version__, errors
 from ..errors import SlowDown
@@ -39,18 +39,16 @@ from .constants import (
     DEFAULT_POLL_INTERVAL,
     DEVICE_GRANT_TYPE,
     MAX_POLL_INTERVAL,
+    MAX_REQUEST_SECONDS,
     REJECTION_ERRORS,
     SCOPE,
 )
-from .transport import (
-    BUDGET,
-    MAX_REQUEST_SECONDS,
-    Budget,
-    deadline_transport,
-    proxy_for,
-    read_body,
-    transport_failure,
-)
+
+if TYPE_CHECKING:
+    import httpx
+
+# httpx (and ``transport``, built on it) is imported where a request is first made, not
+# here: ~80 ms of a daemon's start-up that nothing before its first request needs.
 
 log = logging.getLogger("qwen_refresher.qwen")
 
@@ -74,19 +72,54 @@ class QwenOAuthClient:
         self.timeout = timeout
         #: The whole request, answer included, never takes longer than this.
         self.deadline = min(timeout, MAX_REQUEST_SECONDS)
-        self._http = httpx.Client(
-            timeout=httpx.Timeout(timeout),
-            headers={"User-Agent": user_agent, "Accept": "application/json",
+        self._lock = threading.Lock()
+        self._client: httpx.Client | None = None
+        self._closed = False
+        self._user_agent = user_agent
+
+    @property
+    def _http(self) -> httpx.Client:
+        """The ``httpx.Client``, built on first use: its TLS context (the CA bundle parsed)
+        is ~50 ms and ~1.7 MB, which a daemon need not pay before it is ready — it builds
+        it just after (``warm``) or at its first request, whichever comes first."""
+        client = self._client
+        if client is None:
+            with self._lock:
+                if self._closed:  # as httpx says of a closed client
+                    raise RuntimeError("the HTTP client has been closed")
+                if self._client is None:
+                    self._client = self._build()
+                client = self._client
+        return client
+
+    def _build(self) -> httpx.Client:
+        import httpx
+
+        from .transport import deadline_transport, proxy_for
+
+        return httpx.Client(
+            timeout=httpx.Timeout(self.timeout),
+            headers={"User-Agent": self._user_agent, "Accept": "application/json",
                      "Accept-Encoding": "gzip, deflate"},
             follow_redirects=False,  # never re-send a refresh token somewhere we did not choose
             # The environment's proxy is looked up once, here, by ``proxy_for``; httpx's own
             # lookup would send a loopback request (and its token) to HTTP_PROXY.
             trust_env=False,
-            transport=deadline_transport(proxy_for(token_url, device_code_url)),
+            transport=deadline_transport(proxy_for(self.token_url, self.device_code_url)),
         )
 
+    def warm(self) -> None:
+        """Build the HTTP client now (off the start-up path), so a refresh does not; nothing
+        once closed (a reload may retire this client before its warm-up job runs)."""
+        if not self._closed:
+            with contextlib.suppress(RuntimeError):  # closed meanwhile
+                self._http  # noqa: B018 -- the property builds it
+
     def close(self) -> None:
-        self._http.close()
+        with self._lock:
+            client, self._client, self._closed = self._client, None, True
+        if client is not None:
+            client.close()
 
     def __enter__(self) -> Self:
         return self
@@ -105,6 +138,10 @@ class QwenOAuthClient:
         if stop is not None and stop.is_set():
             # Stopping: a request never sent spends nothing, one sent now might be cut.
             raise errors.NotSent(f"not sent to {what}: the daemon is stopping")
+        import httpx
+
+        from .transport import BUDGET, Budget, read_body, transport_failure
+
         started = time.monotonic()
         BUDGET.current = Budget(self.deadline, stop)
         status: int | None = None

@@ -25,3 +25,6 @@ MAX_POLL_INTERVAL = 10.0
 DEFAULT_TOKEN_URL = TOKEN_URL
 DEFAULT_DEVICE_CODE_URL = DEVICE_CODE_URL
 QWEN_CLIENT_ID = CLIENT_ID
+#: Whole-request ceiling (connect, send, headers, body), whatever ``http_timeout`` says: a
+#: refresh runs under the store lock and OpenClaw breaks a lock older than 30 s.
+MAX_REQUEST_SECONDS = 20.0

@@ -28,9 +28,6 @@ from ..protocols import StopSignal
 
 #: Largest answer body we read, counted after decompression. A real answer is under 2 KiB.
 MAX_BODY = 64 * 1024
-#: Whole-request ceiling (connect, send, headers, body), whatever ``http_timeout`` says: a
-#: refresh runs under the store lock and OpenClaw breaks a lock older than 30 s.
-MAX_REQUEST_SECONDS = 20.0
 #: Once shutdown is asked for, a request whose bytes have started to leave gets this long
 #: (never more than its own deadline) to bring its answer back: the server may have rotated
 #: already, and the answer then carries the only live refresh token. Under the 10 s a service

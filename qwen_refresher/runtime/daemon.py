@@ -22,10 +22,12 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import __version__, hooks, sdnotify
+from ..arenas import cap_malloc_arenas
 from ..config import Settings, load_settings
 from ..coredump import disable_core_dumps
 from ..engine import Engine, Member, Outcome
@@ -233,18 +235,23 @@ class Daemon:
         self._build_engine()
         self._restore()
 
-    def start(self) -> None:
-        """Everything up to READY=1: lock, restore, first scan, jobs scheduled."""
+    def start(self, ready: Callable[[], object] | None = None) -> None:
+        """Lock, restore, first scan, every family scheduled, then ``ready`` (READY=1), then
+        the watches (``Events.arm_watches``: its one more look covers the gap)."""
         self.daemon_lock.acquire()
         self._prepare()
         self._configure()
         self.jobs.start()
         self.inventory.defer_tidy = True  # stale temp files: removed just after start-up
-        self.rescan_all()
+        self.events.first_scan()
         self.onrotate.resume()
         self.jobs.sweep_every(self.settings.sweep_interval, self.events.sweep)
         self.jobs.scan_at("tidy", time.time() + TIDY_DELAY, self.inventory.tidy)
+        self.jobs.scan_at("warm", None, self.client.warm)  # the TLS context, off the ready path
         self.fleet_part.joined()
+        if ready is not None:
+            ready()
+        self.events.arm_watches()
 
     def run(self) -> int:
         """The main loop: wait for a signal or the next tick, ping the watchdog, notice clock
@@ -252,6 +259,7 @@ class Daemon:
 
         Order matters: core dumps off before any token is read; handlers installed before
         ``start`` (a SIGTERM during it is recorded and acted on as soon as it returns)."""
+        cap_malloc_arenas()  # before any thread of ours: memory flat under churn
         problem = disable_core_dumps()
         if problem is not None:
             self.log.warning("core_dumps_on", error=problem,
@@ -259,7 +267,11 @@ class Daemon:
                                      "tokens in memory to a core file")
         wakeup = self._signals.install()
         try:
-            self.start()
+            # READY=1 once every family is planned (``start``): before the watches are armed
+            # and before the first line is logged, which files the secrets the scan added in
+            # the redactor's index (``Redactor.add``); a slow log sink (a stalled journal)
+            # must not hold READY=1 back either.
+            self.start(ready=sdnotify.ready)
         except BaseException:
             self.shutdown()
             self._signals.uninstall()
@@ -267,7 +279,6 @@ class Daemon:
         self.log.info("started", version=__version__, stores=len(self.memory.stores),
                       profiles=len(self.memory.views), state_dir=str(self.settings.state_dir))
         self._say_what_is_missing()
-        sdnotify.ready()
         self.publish()
         self._reloader = threading.Thread(target=self._reload_loop, name="reload", daemon=True)
         self._reloader.start()

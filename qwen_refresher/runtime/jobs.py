@@ -5,11 +5,21 @@ default pool of ``max_concurrent_refreshes`` workers), store scans and the sweep
 and on_rotate attempts (``hooks``: a hung gateway never takes a refresh worker). Adding a
 job never fails the caller: a scheduler that is stopping raises, and shutdown re-plans
 nothing.
+
+Families wait in our own timetable (``_Timetable``), not as one APScheduler job each: a
+``Job`` costs ~650 bytes and ~140 µs to add (its callable's signature is inspected every
+time), which at 2,000 families was a quarter of start-up and over a megabyte of an idle
+daemon. One APScheduler job (``DUE``, on its own one-thread pool) fires at the earliest due
+time and hands every family due by then to the default pool as an ordinary job, so a
+refresh still runs, coalesces and is counted exactly as before; only the wait is ours.
 """
 
 from __future__ import annotations
 
 import contextlib
+import heapq
+import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -25,20 +35,74 @@ from apscheduler.triggers.date import DateTrigger
 #: second one does.
 JOB_INSTANCES = 64
 SWEEP = "sweep"
+#: The job that hands due families to the refresh pool (``Jobs._dispatch``).
+DUE = "due"
+#: A family re-planned within this of the time it already waits for keeps its place.
+SAME_TIME = 0.05
 
 
 def hook_job_id(family_id: str, generation: int) -> str:
     return f"hook:{family_id}:{generation}"
 
 
+class _Timetable:
+    """Families waiting for their due time: job id -> (run at, what to run), and a heap of
+    (run at, job id) to find the earliest. A re-plan pushes a new heap entry and leaves the
+    old one behind (it no longer matches the dict, and is skipped when it comes up); the heap
+    is rebuilt when such leftovers outnumber the live entries, so it stays bounded by the
+    number of families. Not thread-safe: ``Jobs`` holds its lock around every call."""
+
+    __slots__ = ("due", "heap")
+
+    def __init__(self) -> None:
+        self.due: dict[str, tuple[float, Callable[[str], None]]] = {}
+        self.heap: list[tuple[float, str]] = []
+
+    def put(self, job_id: str, run_at: float, run: Callable[[str], None]) -> None:
+        self.due[job_id] = (run_at, run)
+        heapq.heappush(self.heap, (run_at, job_id))
+        if len(self.heap) > 2 * len(self.due) + 64:
+            self.heap = [(at, jid) for jid, (at, _) in self.due.items()]
+            heapq.heapify(self.heap)
+
+    def first(self) -> float | None:
+        """The earliest due time waiting (leftovers on top are dropped on the way)."""
+        heap, due = self.heap, self.due
+        while heap:
+            at, job_id = heap[0]
+            entry = due.get(job_id)
+            if entry is not None and entry[0] == at:
+                return at
+            heapq.heappop(heap)
+        return None
+
+    def take_due(self, now: float) -> list[tuple[str, float, Callable[[str], None]]]:
+        """Remove and return every family due by ``now``, earliest first."""
+        taken = []
+        while (at := self.first()) is not None and at <= now:
+            _, job_id = heapq.heappop(self.heap)
+            _, run = self.due.pop(job_id)
+            taken.append((job_id, at, run))
+        return taken
+
+
 class Jobs:
     def __init__(self, max_concurrent_refreshes: int) -> None:
         self.scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(max_concurrent_refreshes),
-                       "io": ThreadPoolExecutor(2), "hooks": ThreadPoolExecutor(2)},
+                       "io": ThreadPoolExecutor(2), "hooks": ThreadPoolExecutor(2),
+                       # A one-thread pool of its own: a long sweep on ``io`` never holds up
+                       # the hand-over of due families.
+                       "due": ThreadPoolExecutor(1)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
             timezone=UTC,
         )
+        #: Guards ``_waiting`` and orders family moves against the hand-over; taken before
+        #: APScheduler's own lock, never inside one of its callbacks.
+        self._lock = threading.Lock()
+        self._waiting = _Timetable()
+        #: When ``DUE`` fires now (None: not armed), to skip asking APScheduler per re-plan.
+        self._armed: float | None = None
 
     @property
     def running(self) -> bool:
@@ -55,20 +119,68 @@ class Jobs:
 
     # -- family refreshes ---------------------------------------------------------------------
     def family_at(self, job_id: str, run_at: float, run: Callable[[str], None]) -> None:
-        """(Re)schedule a family's job; a job already due within 50 ms of it is left alone.
+        """(Re)schedule a family's job; one already due within ``SAME_TIME`` of it is left
+        alone.
 
-        A run in progress is no reason to wait: a job that fires meanwhile returns at once
-        (``Daemon._run_family``), and the running one re-plans the family when it ends.
+        A family due later waits in the timetable; one due now (or handed over already and
+        not yet started) is an APScheduler job on the refresh pool. A run in progress is no
+        reason to wait: a job that fires meanwhile returns at once (``Daemon._run_family``),
+        and the running one re-plans the family when it ends.
         """
-        job = self.scheduler.get_job(job_id)
-        if job is not None and job.next_run_time is not None and \
-                abs(job.next_run_time.timestamp() - run_at) < 0.05:
+        with self._lock:
+            job = self.scheduler.get_job(job_id)
+            if job is not None and job.next_run_time is not None:
+                if abs(job.next_run_time.timestamp() - run_at) < SAME_TIME:
+                    return
+                if run_at <= time.time() and self._move(job, run, (job_id,), _utc(run_at)):
+                    return
+                self.remove_job(job_id)  # handed over too early now: back to waiting
+            if run_at <= time.time():
+                self._waiting.due.pop(job_id, None)
+                self._hand_over(job_id, run_at, run)
+                return
+            waiting = self._waiting.due.get(job_id)
+            if waiting is not None and waiting[1] == run and abs(waiting[0] - run_at) < SAME_TIME:
+                return
+            self._waiting.put(job_id, run_at, run)
+            self._arm()
+
+    def _hand_over(self, job_id: str, run_at: float, run: Callable[[str], None]) -> None:
+        with contextlib.suppress(Exception):  # a scheduler stopping: shutdown re-plans nothing
+            self.scheduler.add_job(run, "date", run_date=_utc(run_at), id=job_id,
+                                   args=[job_id], replace_existing=True,
+                                   max_instances=JOB_INSTANCES)
+
+    def _arm(self) -> None:
+        """Point ``DUE`` at the earliest time waiting (under ``_lock``)."""
+        first = self._waiting.first()
+        if first == self._armed:
             return
-        when = datetime.fromtimestamp(run_at, UTC)
-        if job is not None and self._move(job, run, (job_id,), when):
+        job = self.scheduler.get_job(DUE)
+        self._armed = None
+        if first is None:
+            if job is not None:
+                self.remove_job(DUE)
             return
-        self.scheduler.add_job(run, "date", run_date=when, id=job_id, args=[job_id],
-                               replace_existing=True, max_instances=JOB_INSTANCES)
+        if job is not None and self._move(job, self._dispatch, (), _utc(first)):
+            self._armed = first
+            return
+        with contextlib.suppress(Exception):
+            # More than one instance allowed: a hand-over still running when its successor
+            # comes due must not make APScheduler skip (and so drop) a one-shot ``DUE``.
+            self.scheduler.add_job(self._dispatch, "date", run_date=_utc(first), id=DUE,
+                                   replace_existing=True, executor="due",
+                                   max_instances=JOB_INSTANCES)
+            self._armed = first
+
+    def _dispatch(self) -> None:
+        """``DUE`` fired: every family due by now becomes a job of the refresh pool, and
+        ``DUE`` waits for the next one."""
+        with self._lock:
+            self._armed = None  # this run was it: a one-shot job is gone once it fired
+            for job_id, run_at, run in self._waiting.take_due(time.time() + SAME_TIME):
+                self._hand_over(job_id, run_at, run)
+            self._arm()
 
     def _move(self, job: Job, func: Callable[..., None], args: tuple[Any, ...],
               when: datetime) -> bool:
@@ -92,13 +204,22 @@ class Jobs:
         return True
 
     def remove(self, job_id: str) -> None:
+        """A family's job (waiting or handed over), a scan's or a hook's: gone."""
+        with self._lock:
+            if self._waiting.due.pop(job_id, None) is not None:
+                self._arm()
+            self.remove_job(job_id)
+
+    def remove_job(self, job_id: str) -> None:
         with contextlib.suppress(Exception):
             self.scheduler.remove_job(job_id)
 
     def scheduled(self) -> set[str]:
         """Every job id waiting now (empty if the scheduler cannot say)."""
+        with self._lock:
+            waiting = set(self._waiting.due)
         with contextlib.suppress(Exception):
-            return {job.id for job in self.scheduler.get_jobs()}
+            return waiting | {job.id for job in self.scheduler.get_jobs() if job.id != DUE}
         return set()
 
     # -- scans and the sweep ---------------------------------------------------------------------
@@ -143,7 +264,7 @@ class Jobs:
         return True
 
     def cancel_hook(self, family_id: str, generation: int) -> None:
-        self.remove(hook_job_id(family_id, generation))
+        self.remove_job(hook_job_id(family_id, generation))
 
     def shutdown(self) -> None:
         """Stop for good without waiting for running jobs (the daemon waits for refreshes
@@ -156,3 +277,7 @@ class Jobs:
             with self.scheduler._jobstores_lock:
                 pass
             self.scheduler.shutdown(wait=False)
+
+
+def _utc(timestamp: float) -> datetime:
+    return datetime.fromtimestamp(timestamp, UTC)

@@ -131,6 +131,10 @@ class Refresher:
             return adopted
         if time.time() >= due_at:
             self.publish()
+            # The HTTP client is built on first use (``QwenOAuthClient.warm``): built here, it
+            # never delays a paced send (sends queued behind its ~0.1 s build left together:
+            # 10 in one second at a limit of 8), nor runs under a store lock.
+            engine.client.warm()
             # A request is about to leave: wait for its slot now, holding no lock (OpenClaw's
             # lock held while we queue would stall OpenClaw). Stopping: re-planned at start.
             if not self.limiter.acquire(self.stop):

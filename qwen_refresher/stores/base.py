@@ -11,23 +11,26 @@ import os
 import re
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..errors import StoreMalformed, StoreUnreadable
+from ..errors import FileRefused, StoreMalformed, StoreUnreadable
 from ..fileio import (
     FileRead,
     atomic_write,
     check_parents,
     owner_to_keep,
     read_store_file,
+    resolve_confined,
     tighten_mode,
 )
 from ..lockfile import FileLock, LockStyle
 from ..models import Credentials, ProfileKey
+from ..paths import store_anchor
 from ..protocols import StopSignal
+from ..report import shorten_home
 
 #: ``expires`` below this many milliseconds (1973-03-03) is almost surely in seconds.
 MIN_PLAUSIBLE_EXPIRES_MS = 100_000_000_000
@@ -66,22 +69,31 @@ class Store(ABC):
     kind: ClassVar[str]
     lock_style: ClassVar[LockStyle]
 
-    def __init__(self, path: Path, *, anchor: Path | None = None) -> None:
-        from ..paths import store_anchor
-
-        self.path = Path(path).absolute()
+    def __init__(self, path: Path, *, anchor: Path | None = None,
+                 anchors: Iterable[Path] | None = None) -> None:
+        """``anchor``: the directory this store is trusted from, if the caller knows it;
+        else found among ``anchors`` (``paths.anchor_dirs()``, which a discovery looks up
+        once for all its stores) or, without them, from the environment."""
+        self.path = (path if isinstance(path, Path) else Path(path)).absolute()
         #: Directories from here down to the store are checked like the store itself.
-        self.anchor = anchor if anchor is not None else store_anchor(self.path)
+        self.anchor = anchor if anchor is not None else store_anchor(self.path, bases=anchors)
 
     def check_path(self) -> None:
         """Refuse the store when a directory above it is a symlink leading elsewhere or belongs
         to another user (``fileio.check_parents``); the store's owner is trusted, since it
         controls the file anyway."""
         try:
-            owner = [os.stat(self.path).st_uid]
-        except OSError:
-            owner = []
-        check_parents(self.path, self.anchor, trusted_uids=owner)
+            check_parents(self.path, self.anchor)
+        except FileRefused:
+            # Trusting one more owner can only turn a refusal into a pass, so the file is
+            # looked at (a ``stat``) only when it could change the answer.
+            try:
+                owner = os.stat(self.path).st_uid
+            except OSError:
+                owner = None
+            if owner is None:
+                raise  # the refusal: without its owner, the file adds no one to trust
+            check_parents(self.path, self.anchor, trusted_uids=[owner])
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.path)!r})"
@@ -97,14 +109,10 @@ class Store(ABC):
 
     def real_path(self) -> Path:
         """The file behind any in-directory symlink; locks and renames act on it."""
-        from ..fileio import resolve_confined
-
         return resolve_confined(self.path)
 
     def describe(self) -> str:
         """Short human name for logs and status (the path, home as ``~``)."""
-        from ..paths import shorten_home
-
         return shorten_home(self.path)
 
     @property
@@ -230,6 +238,12 @@ def _no_constant(name: str) -> Any:
     raise _NonStandard(name)
 
 
+#: ``json.loads`` with hooks builds a decoder (and its scanner) per call: half the parse of a
+#: small store. One, shared: decoding keeps no state between calls (the scanner's key memo
+#: is only an interning cache, cleared after each document).
+_STRICT_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+
+
 def _depth(text: str) -> int:
     """How deep ``text``'s JSON nests (brackets inside strings do not count), or, when that
     cannot exceed ``MAX_JSON_DEPTH``, an upper bound of it (all the caller compares).
@@ -266,7 +280,7 @@ def parse_json_document(path: Path, data: bytes) -> dict[str, Any]:
     Duplicate keys are refused rather than silently resolved, since whichever copy we kept
     could be the wrong token; a BOM is refused because OpenClaw's ``JSON.parse`` refuses it.
     """
-    if not data.strip():
+    if not data or data.isspace():  # ``not data.strip()``, without copying the file
         raise StoreMalformed(path, "is empty")
     if data.startswith(b"\xef\xbb\xbf"):
         raise StoreMalformed(path, "starts with a UTF-8 byte-order mark, which OpenClaw cannot "
@@ -280,8 +294,7 @@ def parse_json_document(path: Path, data: bytes) -> dict[str, Any]:
     if _depth(text) > MAX_JSON_DEPTH:
         raise StoreMalformed(path, f"nests deeper than {MAX_JSON_DEPTH} levels")
     try:
-        document = json.loads(text, object_pairs_hook=_no_duplicates,
-                              parse_constant=_no_constant)
+        document = _STRICT_DECODER.decode(text)
     except _DuplicateKey as exc:
         raise StoreMalformed(path, f"has the key {exc.key!r} twice in one object") from None
     except _NonStandard as exc:
@@ -366,15 +379,23 @@ def check_token(value: object, field_name: str) -> str | None:
     if not isinstance(value, str):
         kind = "missing" if value is None else f"a {type(value).__name__}"
         return f"{field_name} is {kind}, expected a string"
-    if not value.strip():
+    stripped = value.strip()
+    if not stripped:
         return f"{field_name} is empty"
     if len(value) > MAX_TOKEN_LENGTH:
         return f"{field_name} is {len(value)} characters long, longer than any real token"
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return f"{field_name} contains invalid Unicode (a lone surrogate)"
-    if _SPACE_OR_CONTROL.search(value.strip()) is not None:
+    if value.isascii():
+        # Every real token (four per store read): ASCII holds no lone surrogate, and what the
+        # pattern below lets through in ASCII is exactly U+0021..U+007E, which these two C
+        # scans tell without the regex; anything else is left to it.
+        if stripped.isprintable() and " " not in stripped:
+            return None
+    else:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return f"{field_name} contains invalid Unicode (a lone surrogate)"
+    if _SPACE_OR_CONTROL.search(stripped) is not None:
         return f"{field_name} contains whitespace or control characters"
     return None
 
