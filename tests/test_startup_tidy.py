@@ -23,6 +23,9 @@ def test_a_stale_temp_file_beside_a_store_is_removed_right_after_start(
         wait_for(lambda: any(e.get("event") == "started" for e in daemon.events()), 20,
                  "start-up", daemon)
         wait_for(lambda: not stale.exists(), 5, "the stale temp file removed", daemon)
+        # The line follows the unlink: read once it has arrived, not the instant the file went.
+        wait_for(lambda: any(e.get("event") == "temp_file_removed" for e in daemon.events()),
+                 5, "the removal logged", daemon)
         removed = [e for e in daemon.events() if e.get("event") == "temp_file_removed"]
         assert len(removed) == 1 and removed[0]["path"] == str(stale), daemon.output[-2000:]
         daemon.stop()
