@@ -236,6 +236,90 @@ def test_families_wait_in_one_timetable_and_each_fires_once_at_its_latest_time()
         jobs.shutdown()
 
 
+def test_a_family_queued_for_a_worker_is_handed_over_once_however_often_it_is_replanned() -> None:
+    """A busy machine: a family re-planned to "now" again and again while its run waits for a
+    worker (the gateway writing its store during a paced storm) hands over ONE run, not one
+    per re-plan (up to 64, then APScheduler's "skipped: maximum number of running instances"
+    warnings); ``scheduled()`` counts it meanwhile; once its run started, a re-plan hands
+    over again."""
+    from apscheduler.events import EVENT_JOB_MAX_INSTANCES
+
+    from qwen_refresher.runtime.jobs import Jobs
+
+    jobs = Jobs(1)
+    skipped: list[str] = []
+    jobs.scheduler.add_listener(lambda e: skipped.append(e.job_id), EVENT_JOB_MAX_INSTANCES)
+    busy, gate = threading.Event(), threading.Event()
+    runs: list[float] = []
+
+    def block(_job_id: str) -> None:
+        busy.set()
+        gate.wait(DEADLINE)
+
+    def run(_job_id: str) -> None:
+        runs.append(time.time())
+
+    jobs.start()
+    try:
+        jobs.family_at("refresh:blocker", time.time(), block)
+        assert busy.wait(DEADLINE)  # the one worker is taken
+        for _ in range(100):
+            jobs.family_at("refresh:a", time.time(), run)
+            time.sleep(0.003)  # the scheduler submits it to the pool meanwhile
+        assert "refresh:a" in jobs.scheduled()
+        gate.set()
+        deadline = time.monotonic() + DEADLINE
+        while time.monotonic() < deadline and not runs:
+            time.sleep(0.02)
+        time.sleep(0.3)
+        assert len(runs) == 1, f"{len(runs)} runs of one family for 100 re-plans"
+        assert skipped == []
+        assert jobs.scheduled() == set()
+        jobs.family_at("refresh:a", time.time(), run)  # it started: a re-plan runs again
+        deadline = time.monotonic() + DEADLINE
+        while time.monotonic() < deadline and len(runs) < 2:
+            time.sleep(0.02)
+        assert len(runs) == 2
+    finally:
+        gate.set()
+        jobs.shutdown()
+
+
+def test_a_handed_over_family_moved_back_to_waiting_is_handed_over_again_when_due() -> None:
+    """A hand-over taken back before it reached a worker (re-planned later, or removed) leaves
+    no mark behind: the next time the family is due it is handed over and runs. A mark left
+    behind would keep it from ever running again, so one older than ``QUEUED_TRUST`` (left by
+    some path nobody foresaw; made by hand here) is not trusted."""
+    from qwen_refresher.runtime.jobs import QUEUED_TRUST, Jobs
+
+    jobs = Jobs(1)
+    runs: list[str] = []
+    jobs.start()
+    jobs.scheduler.pause()  # hand-overs stay in APScheduler's store, not yet at a worker
+    try:
+        jobs.family_at("refresh:c", time.time(), runs.append)
+        assert jobs.scheduler.get_job("refresh:c") is not None
+        jobs.family_at("refresh:c", time.time() + 3600, runs.append)  # back to waiting
+        assert jobs.scheduler.get_job("refresh:c") is None
+        jobs.family_at("refresh:d", time.time(), runs.append)
+        jobs.remove("refresh:d")
+        jobs.family_at("refresh:c", time.time(), runs.append)  # due again
+        jobs.family_at("refresh:d", time.time(), runs.append)
+        jobs._queued["refresh:e"] = time.monotonic() - QUEUED_TRUST - 1  # a stale mark
+        assert "refresh:e" not in jobs.scheduled()  # an orphan to the next quiet rescan
+        jobs.family_at("refresh:e", time.time(), runs.append)
+        for job_id in ("refresh:c", "refresh:d", "refresh:e"):
+            assert jobs.scheduler.get_job(job_id) is not None, job_id
+        jobs.scheduler.resume()
+        deadline = time.monotonic() + DEADLINE
+        while time.monotonic() < deadline and len(runs) < 3:
+            time.sleep(0.02)
+        time.sleep(0.2)
+        assert sorted(runs) == ["refresh:c", "refresh:d", "refresh:e"]
+    finally:
+        jobs.shutdown()
+
+
 def test_pace_keeps_the_sends_apart_when_what_follows_a_slot_takes_varying_time() -> None:
     """``RateLimiter.acquire`` spaces slots; ``pace`` (right before a request leaves) spaces
     the sends, which the locks and re-read between slot and send would otherwise bunch: a

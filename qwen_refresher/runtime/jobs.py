@@ -12,6 +12,12 @@ time), which at 2,000 families was a quarter of start-up and over a megabyte of 
 daemon. One APScheduler job (``DUE``, on its own one-thread pool) fires at the earliest due
 time and hands every family due by then to the default pool as an ordinary job, so a
 refresh still runs, coalesces and is counted exactly as before; only the wait is ours.
+
+A family handed over is *queued* until a worker starts it (``_queued``). While it is, another
+hand-over adds nothing: the queued run reads the family's plan when it starts. Without that, a
+busy machine (a storm paced at 10/s, the gateway writing its stores meanwhile, each write a
+re-plan to "now") piled up an instance per re-plan, up to ``JOB_INSTANCES`` per family, then
+"skipped: maximum number of running instances" warnings: memory and worker time for no-ops.
 """
 
 from __future__ import annotations
@@ -39,6 +45,11 @@ SWEEP = "sweep"
 DUE = "due"
 #: A family re-planned within this of the time it already waits for keeps its place.
 SAME_TIME = 0.05
+#: How long a hand-over is trusted to be queued. Past this, a re-plan hands over again (one
+#: run too many returns at once), and a quiet rescan counts the family as an orphan: a mark
+#: that outlived its job by some path nobody foresaw delays the family, never stops it. A
+#: storm at the default 10/s drains 2,000 families in 200 s.
+QUEUED_TRUST = 600.0
 
 
 def hook_job_id(family_id: str, generation: int) -> str:
@@ -103,6 +114,11 @@ class Jobs:
         self._waiting = _Timetable()
         #: When ``DUE`` fires now (None: not armed), to skip asking APScheduler per re-plan.
         self._armed: float | None = None
+        #: Families handed over whose run has not started (a job waiting in APScheduler's
+        #: store or in the pool's queue). Its own lock, held for nothing but the set: the
+        #: run's first step takes it on a worker thread, whatever else holds ``_lock``.
+        self._queued: dict[str, float] = {}  # job id -> when marked (monotonic)
+        self._queued_lock = threading.Lock()
 
     @property
     def running(self) -> bool:
@@ -132,11 +148,14 @@ class Jobs:
             if job is not None and job.next_run_time is not None:
                 if abs(job.next_run_time.timestamp() - run_at) < SAME_TIME:
                     return
-                if run_at <= time.time() and self._move(job, run, (job_id,), _utc(run_at)):
+                if run_at <= time.time() and \
+                        self._move(job, self._start, (job_id, run), _utc(run_at)):
                     return
-                self.remove_job(job_id)  # handed over too early now: back to waiting
+                self._unqueue(job_id)  # handed over too early now: back to waiting
             if run_at <= time.time():
                 self._waiting.due.pop(job_id, None)
+                if self._is_queued(job_id):
+                    return  # a run is queued already: it plans from the family as it is
                 self._hand_over(job_id, run_at, run)
                 return
             waiting = self._waiting.due.get(job_id)
@@ -146,10 +165,40 @@ class Jobs:
             self._arm()
 
     def _hand_over(self, job_id: str, run_at: float, run: Callable[[str], None]) -> None:
-        with contextlib.suppress(Exception):  # a scheduler stopping: shutdown re-plans nothing
-            self.scheduler.add_job(run, "date", run_date=_utc(run_at), id=job_id,
-                                   args=[job_id], replace_existing=True,
-                                   max_instances=JOB_INSTANCES)
+        # Marked before the job exists: a worker may start it before ``add_job`` returns.
+        with self._queued_lock:
+            self._queued[job_id] = time.monotonic()
+        try:
+            # Named after what it runs (``Daemon._run_family``), as logs and tests know it.
+            self.scheduler.add_job(self._start, "date", run_date=_utc(run_at), id=job_id,
+                                   args=[job_id, run], replace_existing=True,
+                                   max_instances=JOB_INSTANCES,
+                                   name=getattr(run, "__qualname__", "family"))
+        except Exception:  # a scheduler stopping: shutdown re-plans nothing
+            with self._queued_lock:
+                self._queued.pop(job_id, None)
+
+    def _is_queued(self, job_id: str) -> bool:
+        with self._queued_lock:
+            marked = self._queued.get(job_id)
+        return marked is not None and time.monotonic() - marked < QUEUED_TRUST
+
+    def _start(self, job_id: str, run: Callable[[str], None]) -> None:
+        """A handed-over family's run, on a worker: no longer queued from its first step, so
+        a re-plan from here on hands over a run of its own (which returns at once while this
+        one runs; this one re-plans the family at its end)."""
+        with self._queued_lock:
+            self._queued.pop(job_id, None)
+        run(job_id)
+
+    def _unqueue(self, job_id: str) -> None:
+        """Remove a handed-over family's job that has not started. Unmarked even if it had
+        left APScheduler's store for the pool meanwhile (it then still runs): a mark left on a
+        family whose job is gone would keep every later hand-over out, and the family would
+        never run again; one run too many only returns at once or finds nothing due."""
+        self.remove_job(job_id)
+        with self._queued_lock:
+            self._queued.pop(job_id, None)
 
     def _arm(self) -> None:
         """Point ``DUE`` at the earliest time waiting (under ``_lock``)."""
@@ -208,16 +257,20 @@ class Jobs:
         with self._lock:
             if self._waiting.due.pop(job_id, None) is not None:
                 self._arm()
-            self.remove_job(job_id)
+            self._unqueue(job_id)
 
     def remove_job(self, job_id: str) -> None:
         with contextlib.suppress(Exception):
             self.scheduler.remove_job(job_id)
 
     def scheduled(self) -> set[str]:
-        """Every job id waiting now (empty if the scheduler cannot say)."""
+        """Every job id waiting now, families queued for a worker included (empty if the
+        scheduler cannot say)."""
         with self._lock:
             waiting = set(self._waiting.due)
+        now = time.monotonic()
+        with self._queued_lock:
+            waiting |= {j for j, marked in self._queued.items() if now - marked < QUEUED_TRUST}
         with contextlib.suppress(Exception):
             return waiting | {job.id for job in self.scheduler.get_jobs() if job.id != DUE}
         return set()
