@@ -40,7 +40,8 @@ STEPS: list[tuple[str, str, list[str], list[str] | None]] = [
     ("reads", "reads.py", [], ["--reads", "20", "--settle", "0.5", "--drain", "0.3"]),
     ("sweep", "sweep.py", [], ["--stores", "10", "--duration", "2", "--interval", "1",
                                "--settle", "0.5"]),
-    ("storm", "storm.py", [], ["--stores", "10", "--default-stores", "5", "--timeout", "30"]),
+    ("storm", "storm.py", [], ["--stores", "10", "--default-stores", "5", "--written-stores", "2",
+                               "--timeout", "30"]),
     ("fleet", "fleet.py", [], ["--quick"]),
 ]
 

@@ -14,7 +14,13 @@ Phases, one after the other in the same run (so the same machine and load):
 2. ``limited``: ``--rate`` (80/s) and 16 in flight: the storm's duration (goal < 30 s for
    2,000 families) with the limiter holding the server's peak;
 3. ``defaults``: the shipped defaults (10/s, 4 in flight) on fewer families, showing the
-   default limit holding.
+   default limit holding;
+4. ``written``: a slow drain (25 stores at 1/s; 10 at 2/s with ``--quick``) while another
+   program rewrites every store all along, under the store's lock as OpenClaw does (its usage
+   stats), each write a re-plan of families waiting for a worker: dozens per family. One
+   queued run per family (``runtime/jobs.py``): APScheduler's "skipped: maximum number of
+   running instances" warnings must stay at 0 (before that, a run was queued per re-plan,
+   up to 64 per family).
 
 Figures per phase: time from spawn to the last refresh answered, requests/s mean and peak in
 any 1 s and 100 ms window (``FakeQwen.max_rate``), max in flight, daemon CPU per refresh.
@@ -25,8 +31,11 @@ any 1 s and 100 ms window (``FakeQwen.max_rate``), max in flight, daemon CPU per
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +52,7 @@ from _common import (
     table,
 )
 
+from qwen_refresher.stores.openclaw import OpenClawStore
 from qwen_refresher.testing.fake_qwen.records import most_within
 
 GOAL_STORM_S = 30.0
@@ -54,6 +64,7 @@ class Phase:
     stores: int
     rate: float | None  # None: the daemon's default
     concurrency: int | None
+    written: bool = False  # another program rewrites every store during the storm
 
 
 @dataclass
@@ -69,6 +80,42 @@ class Result:
     in_flight: int
     cpu_per_refresh: float
     failed: int
+    skipped: int  # APScheduler "skipped: maximum number of running instances" warnings
+    writes: int  # store rewrites by the other program
+
+
+class StoreToucher:
+    """Another program rewriting each store under its lock (``usageStats`` changes), one
+    store after another, until stopped: OpenClaw's gateway noting each call."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.paths = paths
+        self.writes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for path in self.paths:
+                try:
+                    with OpenClawStore(path).lock(timeout=5.0).held():
+                        document = json.loads(path.read_bytes())
+                        document["usageStats"] = {"calls": self.writes}
+                        temp = path.with_name(f".{path.name}.toucher")
+                        temp.write_text(json.dumps(document))
+                        os.replace(temp, path)
+                    self.writes += 1
+                except Exception:  # a lock not had in time: the next round
+                    continue
+            self._stop.wait(0.05)
+
+    def __enter__(self) -> StoreToucher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
 
 
 def run_phase(phase: Phase, latency: float, timeout: float, tmp: Path) -> Result:
@@ -79,10 +126,12 @@ def run_phase(phase: Phase, latency: float, timeout: float, tmp: Path) -> Result
         env["QWEN_REFRESHER_MAX_CONCURRENT_REFRESHES"] = str(phase.concurrency)
     with TimedFake(latency=latency, lifetime=SIX_HOURS) as fake:
         home = Home(tmp / phase.label)
-        families = len(seed_stores(home, fake, stores=phase.stores, per_store=2,
-                                   expires_in=120.0))
+        seeded = seed_stores(home, fake, stores=phase.stores, per_store=2, expires_in=120.0)
+        families = len(seeded)
+        toucher = StoreToucher(sorted({home.store_path(agent) for agent, _ in seeded})
+                               if phase.written else [])
         fake.reset_spans()
-        with Daemon(home, fake, env=env) as daemon:
+        with Daemon(home, fake, env=env) as daemon, toucher:
             spawned = time.time()
             deadline = time.monotonic() + timeout
             started = daemon.wait_event("started", timeout)
@@ -104,7 +153,7 @@ def run_phase(phase: Phase, latency: float, timeout: float, tmp: Path) -> Result
             peak_1s=peak_1s, peak_100ms=peak_100ms, in_flight=fake.max_in_flight,
             cpu_per_refresh=((cpu1.cpu_ns - cpu0.cpu_ns) / 1e9 / done
                              if cpu0 and cpu1 and done else float("nan")),
-            failed=fake.failed_spans(),
+            failed=fake.failed_spans(), skipped=daemon.skipped_runs, writes=toucher.writes,
         )
 
 
@@ -119,9 +168,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="max_concurrent_refreshes of the baseline and limited phases")
     parser.add_argument("--default-stores", type=int,
                         help="agents in the `defaults` phase (default 150; quick 25)")
+    parser.add_argument("--written-stores", type=int,
+                        help="agents in the `written` phase (default 25 at 1/s; quick 10 at 2/s)")
     parser.add_argument("--latency", type=float, default=0.1)
     parser.add_argument("--timeout", type=float, default=420.0, help="per phase, seconds")
-    parser.add_argument("--only", help="comma-separated phases: baseline,limited,defaults")
+    parser.add_argument("--only",
+                        help="comma-separated phases: baseline,limited,defaults,written")
     opts = parser.parse_args(argv)
     stores = opts.stores or (100 if opts.quick else 1000)
     default_stores = opts.default_stores or (25 if opts.quick else 150)
@@ -129,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         Phase("baseline", stores, 1000.0, opts.concurrency),
         Phase("limited", stores, opts.rate, opts.concurrency),
         Phase("defaults", default_stores, None, None),
+        Phase("written", opts.written_stores or (10 if opts.quick else 25),
+              2.0 if opts.quick else 1.0, None, written=True),
     ]
     if opts.only:
         wanted = set(opts.only.split(","))
@@ -138,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
            + "; ".join(f"{p.label}: {p.stores * 2} families, rate "
                        f"{'default' if p.rate is None else f'{p.rate:g}/s'}, in flight "
                        f"{'default' if p.concurrency is None else p.concurrency}"
+                       + (", stores rewritten all along" if p.written else "")
                        for p in phases))
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="qr-bench-storm-") as tmp:
@@ -172,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
             (f"{p.label}: max in flight at the server", str(r.in_flight), ""),
             (f"{p.label}: daemon CPU per refresh", f"{r.cpu_per_refresh * 1000:.1f} ms", ""),
             (f"{p.label}: non-ok answers", str(r.failed), "0"),
+            (f"{p.label}: APScheduler skipped-run warnings"
+             + ("; store rewrites by another program" if p.written else ""),
+             f"{r.skipped}" + (f"; {r.writes:,}" if p.written else ""), "0"),
         ]
     table(rows)
     footer()
