@@ -102,7 +102,10 @@ class StoreToucher:
                         document = json.loads(path.read_bytes())
                         document["usageStats"] = {"calls": self.writes}
                         temp = path.with_name(f".{path.name}.toucher")
-                        temp.write_text(json.dumps(document))
+                        # 0600, as OpenClaw writes a file of tokens
+                        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                        with os.fdopen(fd, "w") as out:
+                            out.write(json.dumps(document))
                         os.replace(temp, path)
                     self.writes += 1
                 except Exception:  # a lock not had in time: the next round
