@@ -20,7 +20,6 @@ import errno
 import functools
 import os
 import re
-import secrets
 import shlex
 import stat
 import threading
@@ -37,6 +36,7 @@ from .errors import (
     StoreWriteError,
     UnsafeStateDir,
 )
+from .paths import sibling_name
 
 _TEMP_NAME = re.compile(r"\.(.+)\.[0-9a-f]{12}\.tmp")
 #: Stores are a few KiB; anything near this is not a store, and reading it whole would hurt.
@@ -257,9 +257,14 @@ def read_regular_file(path: Path, max_bytes: int, *, shown: Path | None = None) 
                                      "limit for this file")
         chunks: list[bytes] = []
         total = 0
+        # The first read asks for the size fstat gave, plus one byte to see a file that
+        # grew; then a small read proves the end. A fixed 64 KiB read made a 64 KiB buffer
+        # for a 2 KiB store, shrunk in place, twice per read (the second for the end): at
+        # every refresh, heap holes that kept the resident size creeping up (issue 16).
+        want = st.st_size + 1
         while True:
             try:
-                chunk = os.read(fd, min(65536, max_bytes + 1 - total))
+                chunk = os.read(fd, min(want, max_bytes + 1 - total))
             except OSError as exc:
                 raise StoreUnreadable(shown, f"read failed: {exc.strerror}") from None
             if not chunk:
@@ -268,6 +273,7 @@ def read_regular_file(path: Path, max_bytes: int, *, shown: Path | None = None) 
             if total > max_bytes:
                 raise FileRefused(shown, f"grew past the {max_bytes}-byte limit while reading")
             chunks.append(chunk)
+            want = 65536 if len(chunk) == want else 1
         return FileRead(
             data=b"".join(chunks),
             real_path=path,
@@ -571,7 +577,7 @@ def atomic_write(
     """
     shown = user_path or path
     directory = path.parent
-    tmp = directory / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    tmp = sibling_name(path, "tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _O_CLOEXEC,
                      0o600)
@@ -600,11 +606,11 @@ def atomic_write(
         os.replace(tmp, path)
     except OwnershipError:
         with contextlib.suppress(OSError):
-            tmp.unlink()
+            os.unlink(tmp)
         raise
     except OSError as exc:
         with contextlib.suppress(OSError):
-            tmp.unlink()
+            os.unlink(tmp)
         raise StoreWriteError(shown, f"write failed: {exc.strerror}") from None
     fsync_dir(directory)
 

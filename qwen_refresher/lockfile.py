@@ -33,7 +33,6 @@ import json
 import os
 import random
 import re
-import secrets
 import stat
 import threading
 import time
@@ -44,6 +43,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from .errors import LockTimeout, LockUnusable
+from .paths import sibling_name
 from .protocols import StopSignal
 
 #: OpenClaw's stale threshold for its lock files.
@@ -171,7 +171,7 @@ def _unusable(path: Path, mode: int) -> LockUnusable:
                               "thing is left alone; remove it if nothing uses it")
 
 
-def _look(path: Path, shown: Path) -> _Seen | None:
+def _look(path: Path | str, shown: Path) -> _Seen | None:
     """``lstat`` then, for a regular file only, a non-blocking, non-following open, an ``fstat``
     check and a capped read. None: nothing there. Raises ``LockUnusable`` (naming ``shown``)
     for anything that is not a regular file; never blocks, never follows a symlink."""
@@ -293,7 +293,7 @@ class FileLock:
         links are not supported, the ordinary exclusive create is used.
         """
         content = self.style.make_content()
-        tmp = self.lock_path.with_name(f".{self.lock_path.name}.{secrets.token_hex(6)}.tmp")
+        tmp = sibling_name(self.lock_path, "tmp")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         except OSError:
@@ -314,7 +314,7 @@ class FileLock:
                 return self._create_in_place(content)
         finally:
             with contextlib.suppress(OSError):
-                tmp.unlink()
+                os.unlink(tmp)
         self._ours = (st.st_dev, st.st_ino, content)
         return True
 
@@ -355,8 +355,7 @@ class FileLock:
                 return self._try_create()
             if not self._is_stale(judged):
                 return False
-            aside = self.lock_path.with_name(
-                f".{self.lock_path.name}.{secrets.token_hex(6)}.stale")
+            aside = sibling_name(self.lock_path, "stale")
             try:
                 os.rename(self.lock_path, aside)
             except FileNotFoundError:

@@ -7,6 +7,7 @@ manage exactly the files the gateway uses. Stdlib only: ``status`` calls this on
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -15,6 +16,18 @@ QWEN_CREDS_NAME = "oauth_creds.json"
 LEGACY_STATE_DIRNAMES = (".clawdbot", ".moldbot", ".moltbot")
 NEW_STATE_DIRNAME = ".openclaw"
 DEFAULT_AGENT_ID = "main"
+
+
+def sibling_name(path: Path, tag: str) -> str:
+    """A fresh name beside ``path`` for a short-lived file: ``.<name>.<12 hex>.<tag>``.
+
+    A ``str``, never a ``Path``: ``pathlib`` interns every part of a path it parses, and a
+    name made once per refresh (a temporary file, a lock's) churned the interpreter's table
+    of interned strings, whose periodic 1-2 MB rebuilds fragmented the heap under token
+    churn (issue 16). ``os`` calls take the ``str`` as they are.
+    """
+    return os.path.join(os.path.dirname(path),
+                        f".{os.path.basename(path)}.{secrets.token_hex(6)}.{tag}")
 
 
 def _env(env: Mapping[str, str] | None) -> Mapping[str, str]:

@@ -213,6 +213,34 @@ def test_read_regular_file_caps_the_size(tmp_path: Path) -> None:
         read_regular_file(target, 1000)
 
 
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 65535, 65536, 65537, 200_000])
+def test_read_regular_file_reads_every_size_whole(tmp_path: Path, size: int) -> None:
+    """The first read asks for fstat's size: around the old 64 KiB chunk and past it, the
+    bytes come back whole."""
+    from qwen_refresher.fileio import read_regular_file
+
+    target = tmp_path / "f"
+    data = os.urandom(size)
+    target.write_bytes(data)
+    assert read_regular_file(target, 1 << 20).data == data
+
+
+def test_a_file_whose_size_lies_is_read_to_its_end_and_capped() -> None:
+    """A regular file larger than its ``st_size`` (a /proc file says 0, as does a file that
+    grows between the fstat and the read) is read to its real end, and the cap still holds
+    on what is read, not on what fstat said."""
+    from qwen_refresher.errors import FileRefused
+    from qwen_refresher.fileio import read_regular_file
+
+    version = Path("/proc/version")
+    if not version.exists() or version.stat().st_size != 0:
+        pytest.skip("needs Linux's /proc/version (a regular file whose st_size is 0)")
+    expected = version.read_bytes()
+    assert read_regular_file(version, 1 << 20).data == expected
+    with pytest.raises(FileRefused, match="grew past the 10-byte limit while reading"):
+        read_regular_file(version, 10)
+
+
 def test_read_regular_file_missing_is_its_own_error(tmp_path: Path) -> None:
     from qwen_refresher.errors import FileMissing
     from qwen_refresher.fileio import read_regular_file

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import re
+import sys
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from qwen_refresher import discovery, paths
 
@@ -79,3 +85,51 @@ def test_qwen_code_file_is_managed_only_when_present(tmp_path: Path) -> None:
     assert discovery.store_paths(explicit=[], discover=False, qwen_code=False, env=env) == []
     env["QWEN_HOME"] = str(tmp_path / "q2")
     assert discovery.store_paths(explicit=[], discover=False, qwen_code=True, env=env) == []
+
+
+# -- sibling_name: short-lived names that pathlib never interns ------------------------------
+
+
+def _interned(name: str) -> bool:
+    """True if an equal string is already in the interpreter's table of interned strings (a
+    fresh copy of ``name`` is not the object ``sys.intern`` hands back)."""
+    copy = "".join(list(name))
+    return sys.intern(copy) is not copy
+
+
+def test_sibling_name_is_a_fresh_plain_string_beside_the_file(tmp_path: Path) -> None:
+    store = tmp_path / "agents" / "auth-profiles.json"
+    first, second = paths.sibling_name(store, "tmp"), paths.sibling_name(store, "tmp")
+    assert type(first) is str and first != second
+    assert re.fullmatch(re.escape(str(store.parent)) + r"/\.auth-profiles\.json\.[0-9a-f]{12}\.tmp",
+                        first)
+    assert not _interned(os.path.basename(first))
+    # What it replaced: pathlib interns every part it parses, so each name stayed in the
+    # interpreter's table until its Path died, churning it once per refresh (issue 16).
+    assert _interned((store.parent / f".x.{os.urandom(6).hex()}.tmp").name)
+
+
+def test_atomic_writes_and_lock_takes_intern_none_of_their_names(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from qwen_refresher.fileio import atomic_write
+    from qwen_refresher.lockfile import OPENCLAW, FileLock
+
+    opened: list[object] = []
+    real_open = os.open
+
+    def recording_open(path: Any, *args: Any, **kw: Any) -> int:
+        opened.append(path)
+        return real_open(path, *args, **kw)
+
+    monkeypatch.setattr(os, "open", recording_open)
+    store = tmp_path / "auth-profiles.json"
+    for n in range(3):
+        atomic_write(store, b"{}" * n)
+        lock = FileLock(tmp_path / "auth-profiles.json.lock", OPENCLAW, timeout=5)
+        lock.acquire()
+        lock.release()
+    temps = [p for p in opened if str(p).endswith(".tmp")]
+    assert len(temps) == 6, opened  # 3 writes, 3 lock files (made whole, then linked)
+    for path in temps:
+        assert type(path) is str and not _interned(os.path.basename(path)), path
+    assert sorted(os.listdir(tmp_path)) == ["auth-profiles.json"]

@@ -394,6 +394,7 @@ class Daemon:
         self.watcher.stop()
         self.services.stop()
         self.relogin.close(2.0)
+        self.publisher.close()
         with contextlib.suppress(Exception):
             self.publisher.publish_now(force=True)
         for client in retired:
