@@ -31,7 +31,7 @@ STEPS: list[tuple[str, str, list[str], list[str] | None]] = [
     ("footprint", "footprint.py", [], ["--quick"]),
     ("idle", "idle.py", [], ["--duration", "2", "--settle", "0.5", "--fast-sweep", "1"]),
     ("reaction", "reaction.py", [], ["--repeats", "2", "--pause", "0.2"]),
-    ("memory", "memory.py", ["--budget", "300"],
+    ("memory", "memory.py", [],
      ["--refreshes", "20", "--budget", "6", "--families", "4", "--every", "1"]),
     ("memory-fast", "memory.py", ["--fast-redactor"], None),
     ("scale", "scale.py", ["--startup-sizes", "100,300,1000"],
