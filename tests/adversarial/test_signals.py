@@ -300,10 +300,14 @@ def _cycle(server: ForkServer, oc: OpenClawHome, fake: FakeQwen, log: Path,
 
 
 @case("signals-hup-term-stress", "signals",
-      "200 cycles of start / a burst of ~20 SIGHUPs / SIGTERM, four daemons at a time.",
+      "100 cycles (500 with `--long`) of start / a burst of ~20 SIGHUPs / SIGTERM, four "
+      "daemons at a time.",
       "No handler takes a lock or logs, reloads coalesce: every cycle exits 0 within 10 s.")
-def test_start_sighup_burst_sigterm_cycles(tmp_path: Path, fake: FakeQwen) -> None:
-    cycles = int(os.environ.get("SIGNAL_STRESS_CYCLES", "200"))
+@pytest.mark.timeout(600)  # --long: ~0.3 s a cycle on two cores
+def test_start_sighup_burst_sigterm_cycles(tmp_path: Path, fake: FakeQwen,
+                                           request: pytest.FixtureRequest) -> None:
+    default = "500" if request.config.getoption("--long") else "100"
+    cycles = int(os.environ.get("SIGNAL_STRESS_CYCLES", default))
     parallel = 4
     homes = []
     for n in range(parallel):
