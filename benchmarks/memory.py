@@ -155,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
               f"  CPU {s.cpu - first.cpu:7.1f} s")
     verdict_rss = peak / 1024 < GOAL_RSS_MB
     print(f"goal RSS < {GOAL_RSS_MB:g} MB: {'MET' if verdict_rss else 'MISSED'}"
-          f" (peak {peak / 1024:.1f} MB); 10,000 refreshes reached: "
-          f"{'yes' if done >= 10_000 else 'no'}; flat (second half < "
+          f" (peak {peak / 1024:.1f} MB); {target:,} refreshes reached: "
+          f"{'yes' if done >= target else 'no'}; flat (second half < "
           f"{FLAT_KB_PER_1000:g} KB per 1,000): {'MET' if settled < FLAT_KB_PER_1000 else 'MISSED'}"
           f" ({settled:+.0f} KB)")
     footer()

@@ -5,10 +5,9 @@ arena stays there for that arena's reuse. The daemon's threads are many (refresh
 the state.json publisher, hook and scan pools), and each may land in an arena of its own:
 under 2-second token churn the resident size kept climbing ~0.7 MB per 1,000 refreshes
 with no Python object growing (pymalloc's arenas and allocated blocks flat; glibc's "free"
-bytes and mmap'd chunks growing). Two arenas, what
-``MALLOC_ARENA_MAX=2`` does for many long-running services, made it level off (issue 16;
-BENCHMARKS.md). The daemon's threads hold the GIL for nearly all they do, so they seldom
-contend for an arena anyway.
+bytes and mmap'd chunks growing). Two arenas, what ``MALLOC_ARENA_MAX=2`` does for many
+long-running services, made it level off (issue 16; BENCHMARKS.md). The daemon's threads
+hold the GIL for nearly all they do, so they seldom contend for an arena anyway.
 
 Stdlib only (``ctypes``); a no-op where the C library has no ``mallopt`` (musl) or the user
 set ``MALLOC_ARENA_MAX`` themselves (theirs wins).

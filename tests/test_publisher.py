@@ -31,6 +31,7 @@ class Recording(Publisher):
     def __init__(self, settings: Settings) -> None:
         super().__init__(Memory(), TokenHistory(), log=structlog.get_logger(),
                          settings=lambda: settings, hooks=dict, next_sweep=lambda: None)
+        self.settings = settings
         self.writers: list[int] = []
         self.wrote = threading.Semaphore(0)
         self.fail_next = False
@@ -76,7 +77,7 @@ def test_a_burst_of_changes_is_one_write_after_the_delay(publisher: Recording) -
     assert time.monotonic() - started >= PUBLISH_DELAY * 0.9
     time.sleep(5 * PUBLISH_DELAY)
     assert len(publisher.writers) == 1
-    state = json.loads((publisher._settings().state_dir / STATE_FILE).read_text())
+    state = json.loads((publisher.settings.state_dir / STATE_FILE).read_text())
     assert state["daemon"]["pid"] > 0
 
 
